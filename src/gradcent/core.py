@@ -1,0 +1,180 @@
+"""The Gradient Centralization operator on tensors.
+
+Φ_GC(∇w_i) = ∇w_i − mean(∇w_i) for every output unit w_i (Eq. 1), i.e. P∇W with
+P = I − eeᵀ, e = 1/√M (Eq. 2). This module knows nothing about modules or
+optimizers: it receives a tensor and the dims that span one output unit.
+
+References:
+    Yong, Huang, Hua, Zhang. "Gradient Centralization: A New Optimization Technique
+    for Deep Neural Networks". ECCV 2020, arXiv:2004.01461, Eq. 1-2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+Dims = Optional[Sequence[int]]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Same-shaped tensors below this size are centred together in one stacked call:
+# for small tensors the kernel-launch cost dominates the memory traffic.
+_STACK_MAX_NUMEL = 1 << 16
+
+
+def _resolve_dims(t: Tensor, dims: Dims) -> tuple[int, ...]:
+    """Reduction dims as non-negative ints; default is every dim but 0."""
+    if dims is None:
+        return tuple(range(1, t.dim()))
+    resolved = tuple(sorted({d % t.dim() if t.dim() else d for d in dims}))
+    for d in resolved:
+        if not 0 <= d < max(t.dim(), 1):
+            raise ValueError(f"Invalid dim {d} for a tensor of shape {tuple(t.shape)}")
+    return resolved
+
+
+def _unit_view(t: Tensor, dims: tuple[int, ...], groups: int) -> tuple[Tensor, tuple[int, ...]]:
+    """View ``t`` so that each output unit spans ``dims`` of the view.
+
+    With ``groups > 1`` dim 0 is split into ``(groups, dim0 // groups)``; only the
+    inner part is reduced (ConvTranspose: each output channel sees the inputs of
+    its own group only). Splitting one dim is always a view, so in-place work on
+    the result writes through to ``t`` for any strides.
+    """
+    if groups == 1:
+        return t, dims
+    if 0 not in dims:
+        raise ValueError(f"groups={groups} needs dim 0 among the reduction dims, got {dims}")
+    if t.shape[0] % groups:
+        raise ValueError(f"dim 0 of shape {tuple(t.shape)} is not divisible by groups={groups}")
+    view = t.unflatten(0, (groups, t.shape[0] // groups))
+    return view, tuple(d + 1 for d in dims)
+
+
+def unit_size(shape: Sequence[int], dims: Dims = None, groups: int = 1) -> int:
+    """M, the number of inputs of one output unit (C_in·k1·k2 for a conv).
+
+    Args:
+        shape: shape of the weight.
+        dims: reduction dims (default: all but 0).
+        groups: how many groups dim 0 is split into (ConvTranspose).
+
+    Returns:
+        The number of elements each unit's mean is taken over.
+    """
+    dims = tuple(range(1, len(shape))) if dims is None else dims
+    m = 1
+    for d in dims:
+        m *= shape[d]
+    return m // groups if groups > 1 else m
+
+
+def _subtract_mean_(view: Tensor, dims: tuple[int, ...]) -> None:
+    """In place: view -= mean over dims, accumulated in float32 for fp16/bf16."""
+    if view.dtype in _LOW_PRECISION:
+        wide = view.float()
+        view.copy_(wide.sub_(wide.mean(dim=dims, keepdim=True)))
+    else:
+        view.sub_(view.mean(dim=dims, keepdim=True))
+
+
+def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
+    """Centralize ``t`` in place: subtract each output unit's mean (Eq. 1).
+
+    Args:
+        t: a gradient (or any tensor), any strides, channels_last included.
+        dims: the dims one output unit spans (default: all but 0, i.e. the
+            PyTorch layout where dim 0 is the output axis).
+        groups: split dim 0 into this many groups, each unit being centred within
+            its group (ConvTranspose with ``groups > 1``).
+
+    Returns:
+        ``t`` itself. Tensors with no reduction dims, no elements, or units of a
+        single input (M = 1, whose centred gradient would be identically zero) are
+        returned untouched: GC never freezes a unit.
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1.
+    """
+    rdims = _resolve_dims(t, dims)
+    if not rdims or t.numel() == 0 or unit_size(t.shape, rdims, groups) <= 1:
+        return t
+    view, vdims = _unit_view(t, rdims, groups)
+    _subtract_mean_(view, vdims)
+    return t
+
+
+def centralize(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
+    """Return Φ_GC(t) = P t, leaving ``t`` unchanged.
+
+    Args:
+        t: the tensor to centralize.
+        dims: the dims one output unit spans (default: all but 0).
+        groups: see :func:`centralize_`.
+
+    Returns:
+        A new tensor with every output unit's mean removed.
+
+    Example:
+        >>> centralize(torch.tensor([[1., 2.], [3., 4.]]))
+        tensor([[-0.5000,  0.5000],
+                [-0.5000,  0.5000]])
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1-2.
+    """
+    return centralize_(t.clone(), dims, groups)
+
+
+def centralize_many_(
+    tensors: Sequence[Tensor],
+    dims: Sequence[Dims] | Dims = None,
+    groups: Sequence[int] | int = 1,
+) -> None:
+    """Centralize a list of tensors in place.
+
+    Many small tensors of the same shape, dtype and device are stacked and
+    centred in one call (one kernel launch instead of one per tensor); every
+    other tensor is centred on its own. The result is identical to calling
+    :func:`centralize_` on each tensor.
+
+    Args:
+        tensors: tensors to centralize in place.
+        dims: one reduction-dims entry per tensor, or one for all of them.
+        groups: one groups entry per tensor, or one for all of them.
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1.
+    """
+    n = len(tensors)
+    per_dims = list(dims) if _is_per_tensor(dims, n) else [dims] * n
+    per_groups = list(groups) if isinstance(groups, Sequence) else [groups] * n
+    if len(per_dims) != n or len(per_groups) != n:
+        raise ValueError(
+            f"got {n} tensors but {len(per_dims)} dims and {len(per_groups)} groups entries"
+        )
+    buckets: dict[tuple, list[Tensor]] = {}
+    for t, d, g in zip(tensors, per_dims, per_groups):
+        rdims = _resolve_dims(t, d)
+        if t.numel() <= _STACK_MAX_NUMEL and g == 1:
+            key = (tuple(t.shape), t.dtype, t.device, rdims)
+            buckets.setdefault(key, []).append(t)
+        else:
+            centralize_(t, rdims, g)
+    for (_, _, _, rdims), group in buckets.items():
+        if len(group) == 1:
+            centralize_(group[0], rdims)
+            continue
+        stacked = torch.stack(group)
+        centralize_(stacked, tuple(d + 1 for d in rdims))
+        torch._foreach_copy_(group, list(stacked.unbind(0)))
+
+
+def _is_per_tensor(dims: object, n: int) -> bool:
+    """True when ``dims`` holds one entry (None or a sequence) per tensor."""
+    if dims is None or not isinstance(dims, Sequence) or len(dims) == 0:
+        return False
+    return all(d is None or isinstance(d, Sequence) for d in dims) and len(dims) == n

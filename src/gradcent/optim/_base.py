@@ -1,0 +1,92 @@
+"""What every named gradcent optimizer adds to its torch.optim parent.
+
+Each named optimizer subclasses its torch.optim counterpart and only wraps its
+``step``: the parent's own implementations (for-loop, foreach, fused) do the
+update, so with ``gc=None`` a gradcent optimizer *is* the torch one, bit for bit.
+
+References:
+    Yong et al., ECCV 2020, Algorithm 1 (SGDM + GC) and Algorithm 2 (Adam + GC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from gradcent.optim._engine import Centralizer
+from gradcent.rules import Selector, check_mode, plan
+
+
+def _unhooked(fn: Callable) -> Callable:
+    """The parent's step without torch's hook wrapper (hooks must run only once)."""
+    return fn.__wrapped__ if getattr(fn, "hooked", False) else fn
+
+
+class GCMixin:
+    """Adds ``gc=`` / ``model=`` handling and a GC-aware ``step``.
+
+    Subclasses call :meth:`_init_gc` after their parent's ``__init__`` and may
+    override :meth:`_pre_update` (SGDW applies its decoupled decay there).
+    """
+
+    _torch_base: type[torch.optim.Optimizer]
+
+    def _init_gc(
+        self,
+        gc: Optional[str],
+        model: Optional[nn.Module],
+        include: Selector,
+        exclude: Selector,
+    ) -> None:
+        gc = check_mode(gc)
+        self.defaults["gc"] = gc
+        for group in self.param_groups:
+            group["gc"] = check_mode(group.get("gc", gc))
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._gc = Centralizer(plan(model, gc, params=params, include=include, exclude=exclude))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, also validating a ``"gc"`` key when the group has one."""
+        if "gc" in param_group:
+            param_group["gc"] = check_mode(param_group["gc"])
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("gc", self.defaults.get("gc"))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's; a plain torch.optim state (no ``"gc"`` key) keeps this GC mode."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["gc"] = check_mode(group.get("gc", self.defaults.get("gc")))
+
+    def _pre_update(self) -> None:
+        """Hook for subclasses: runs after GC, before the parent's update."""
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step with GC applied to the gradients.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; it runs once,
+                before GC, so GC sees the gradients it produced.
+
+        Returns:
+            The loss returned by ``closure``, if any.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._gc.before(self)
+        try:
+            self._pre_update()
+            _unhooked(self._torch_base.step)(self)
+        finally:
+            self._gc.after(self)
+        return loss

@@ -1,0 +1,151 @@
+"""The one place where GC meets an optimizer's param groups.
+
+:class:`Centralizer` runs right before and right after a step. It is shared by
+:func:`gradcent.attach` (through step hooks) and by the named optimizers (inside
+their ``step``), so both follow the same rules:
+
+* ``where="gradient"``: each planned gradient g becomes P(g + λw) when the
+  optimizer applies L2 decay by adding λw to the gradient (coupled decay), the
+  paper's rule (§3.4); the group's ``weight_decay`` is set to 0 for that step
+  and restored afterwards, so decay is neither lost nor applied twice. Decoupled
+  decay (AdamW, ``decoupled_weight_decay=True``) is left to the optimizer.
+* ``where="update"``: the whole update w_t − w_{t−1} of each planned parameter
+  is projected, so eᵀ(w_t − w_0) = 0 holds for any optimizer.
+
+References:
+    Yong et al., ECCV 2020, §3.4 (weight decay) and Eq. 4.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from gradcent.core import centralize_
+from gradcent.rules import Plan
+
+# Optimizers whose weight_decay adds λw to the gradient before anything else.
+COUPLED_DECAY: tuple[type, ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+    torch.optim.ASGD,
+)
+WHERE = ("gradient", "update")
+
+
+def has_coupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """True when ``group``'s decay is L2 added to the gradient (fold it into GC)."""
+    if not group.get("weight_decay"):
+        return False
+    if isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False):
+        return False
+    return isinstance(optimizer, COUPLED_DECAY) and not getattr(optimizer, "decoupled", False)
+
+
+class Centralizer:
+    """Applies a :class:`~gradcent.rules.Plan` around optimizer steps.
+
+    Args:
+        plan: layer decisions; its mode is the default for groups without a
+            ``"gc"`` key.
+        where: ``"gradient"`` or ``"update"``.
+    """
+
+    def __init__(self, plan: Plan, where: str = "gradient") -> None:
+        if where not in WHERE:
+            raise ValueError(f"Invalid where: {where!r} (expected 'gradient' or 'update')")
+        self.plan = plan
+        self.where = where
+        self._saved_decay: dict[int, float] = {}
+        self._snapshots: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _group_plan(self, group: dict[str, Any]) -> Plan:
+        mode = group.get("gc", self.plan.mode)
+        return self.plan if mode == self.plan.mode else self.plan.with_mode(mode)
+
+    def _spec(self, gplan: Plan, p: Tensor):
+        spec = gplan.spec(p)
+        if spec is not None and p.grad is not None and p.grad.is_sparse:
+            raise ValueError(
+                f"Parameter {gplan.name(p)!r} has a sparse gradient: GC is defined for dense "
+                "weight gradients; exclude it (exclude=...) or use a dense layer"
+            )
+        return spec
+
+    @torch.no_grad()
+    def before(self, optimizer: torch.optim.Optimizer) -> None:
+        """Centralize gradients (folding coupled decay) or snapshot weights."""
+        self.restore(optimizer)
+        for gi, group in enumerate(optimizer.param_groups):
+            gplan = self._group_plan(group)
+            if gplan.mode is None:
+                continue
+            if self.where == "update":
+                self._snapshot(gplan, group)
+                continue
+            fold = has_coupled_decay(optimizer, group)
+            if fold:
+                self._fold_decay(gplan, group)
+                self._saved_decay[gi] = group["weight_decay"]
+                group["weight_decay"] = 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                spec = self._spec(gplan, p)
+                if spec is not None:
+                    centralize_(p.grad, spec.dims, spec.groups)
+
+    def _fold_decay(self, gplan: Plan, group: dict[str, Any]) -> None:
+        # torch computes grad (negated when maximizing) + λw; fold the same sum
+        # into p.grad so that the optimizer, run with weight_decay=0, sees it.
+        alpha = -group["weight_decay"] if group.get("maximize", False) else group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"Parameter {gplan.name(p)!r} has a sparse gradient and weight_decay="
+                    f"{group['weight_decay']}: the paper's rule P(g + λw) needs dense gradients"
+                )
+            p.grad.add_(p.detach(), alpha=alpha)
+
+    def _snapshot(self, gplan: Plan, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            spec = self._spec(gplan, p)
+            if spec is not None:
+                self._snapshots[id(p)] = (p, p.detach().clone())
+
+    @torch.no_grad()
+    def after(self, optimizer: torch.optim.Optimizer) -> None:
+        """Restore folded decay, or project each planned update."""
+        self.restore(optimizer)
+        if not self._snapshots:
+            return
+        for group in optimizer.param_groups:
+            gplan = self._group_plan(group)
+            for p in group["params"]:
+                entry = self._snapshots.get(id(p))
+                if entry is None or entry[0] is not p:
+                    continue
+                spec = gplan.spec(p)
+                delta = p.detach() - entry[1]
+                centralize_(delta, spec.dims, spec.groups)
+                p.detach().copy_(entry[1].add_(delta))
+        self._snapshots.clear()
+
+    def restore(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Put back every ``weight_decay`` set to 0 for a step (also after a failed step)."""
+        if optimizer is not None:
+            for gi, wd in self._saved_decay.items():
+                if gi < len(optimizer.param_groups):
+                    optimizer.param_groups[gi]["weight_decay"] = wd
+        self._saved_decay.clear()

@@ -1,0 +1,103 @@
+"""One line to add GC to any ``torch.optim.Optimizer``.
+
+References:
+    Yong et al., ECCV 2020, §3.3 ("only one line of code").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gradcent.optim._engine import Centralizer
+from gradcent.rules import Plan, Selector, check_mode, plan
+
+
+class GCHandle:
+    """What :func:`attach` returns: undo with :meth:`remove`.
+
+    Attributes:
+        plan: the :class:`~gradcent.rules.Plan` in use (see ``plan.describe()``).
+        where: ``"gradient"`` or ``"update"``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, centralizer: Centralizer) -> None:
+        self.optimizer = optimizer
+        self._gc = centralizer
+        self.plan = centralizer.plan
+        self.where = centralizer.where
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: centralizer.before(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: centralizer.after(opt)),
+        ]
+
+    def remove(self) -> None:
+        """Detach GC: later steps are plain steps of the wrapped optimizer."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._gc.restore(self.optimizer)
+
+    def __repr__(self) -> str:
+        return f"GCHandle({type(self.optimizer).__name__}, where={self.where!r}, {self.plan!r})"
+
+
+def attach(
+    optimizer: torch.optim.Optimizer,
+    model: Optional[nn.Module] = None,
+    mode: Optional[str] = "all",
+    where: str = "gradient",
+    *,
+    include: Selector = None,
+    exclude: Selector = None,
+    embeddings: bool = False,
+) -> GCHandle:
+    """Centralize the gradients of any torch optimizer right before each step.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (its class is not changed).
+        model: the model, so that each layer gets its own output axis
+            (ConvTranspose: dim 1 per group). Without it, bare-tensor rules apply
+            (ndim 2 = FC, ndim >= 3 = conv, output dim 0).
+        mode: ``"all"`` (GC), ``"conv"`` (GCC), ``"fc"``, or None. A param group
+            with a ``"gc"`` key uses that mode instead.
+        where: ``"gradient"`` centralizes each gradient, folding coupled L2 decay
+            in first (P(g + λw), the paper's rule); ``"update"`` projects the
+            whole parameter update after the step instead, so eᵀ(w_t − w_0) = 0
+            holds for adaptive optimizers and decoupled decay too (one extra
+            copy of the planned weights in memory).
+        include: name patterns or a callable; matches always get GC.
+        exclude: name patterns or a callable; matches never get GC.
+        embeddings: centralize Embedding rows too.
+
+    Returns:
+        A :class:`GCHandle`; ``handle.remove()`` undoes the attachment.
+
+    Raises:
+        TypeError: if ``optimizer`` is not a torch optimizer.
+        ValueError: for an unknown mode or ``where``, or LBFGS with
+            ``where="gradient"`` (its closure recomputes gradients inside the
+            step, after the pre-hook: use ``where="update"``).
+
+    Example:
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> handle = gradcent.attach(opt, model)
+
+    References:
+        Yong et al., ECCV 2020, Algorithm 1-2 and §3.4.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    mode = check_mode(mode)
+    if isinstance(optimizer, torch.optim.LBFGS) and where == "gradient":
+        raise ValueError(
+            "LBFGS re-evaluates its closure inside step(), after GC would run: "
+            "use attach(..., where='update')"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    the_plan: Plan = plan(
+        model, mode, params=params, include=include, exclude=exclude, embeddings=embeddings
+    )
+    return GCHandle(optimizer, Centralizer(the_plan, where))
