@@ -7,17 +7,17 @@ optimizers: it receives a tensor and the dims that span one output unit.
 References:
     Yong, Huang, Hua, Zhang. "Gradient Centralization: A New Optimization Technique
     for Deep Neural Networks". ECCV 2020, arXiv:2004.01461, Eq. 1-2.
+
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-Dims = Optional[Sequence[int]]
+Dims = Sequence[int] | None
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Same-shaped tensors below this size are centred together in one stacked call:
@@ -64,6 +64,7 @@ def unit_size(shape: Sequence[int], dims: Dims = None, groups: int = 1) -> int:
 
     Returns:
         The number of elements each unit's mean is taken over.
+
     """
     dims = tuple(range(1, len(shape))) if dims is None else dims
     m = 1
@@ -98,6 +99,7 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
 
     References:
         Yong et al., ECCV 2020, Eq. 1.
+
     """
     rdims = _resolve_dims(t, dims)
     if not rdims or t.numel() == 0 or unit_size(t.shape, rdims, groups) <= 1:
@@ -125,6 +127,7 @@ def centralize(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
 
     References:
         Yong et al., ECCV 2020, Eq. 1-2.
+
     """
     return centralize_(t.clone(), dims, groups)
 
@@ -148,6 +151,7 @@ def centralize_many_(
 
     References:
         Yong et al., ECCV 2020, Eq. 1.
+
     """
     n = len(tensors)
     per_dims = list(dims) if _is_per_tensor(dims, n) else [dims] * n
@@ -157,7 +161,7 @@ def centralize_many_(
             f"got {n} tensors but {len(per_dims)} dims and {len(per_groups)} groups entries"
         )
     buckets: dict[tuple, list[Tensor]] = {}
-    for t, d, g in zip(tensors, per_dims, per_groups):
+    for t, d, g in zip(tensors, per_dims, per_groups, strict=False):
         rdims = _resolve_dims(t, d)
         if t.numel() <= _STACK_MAX_NUMEL and g == 1:
             key = (tuple(t.shape), t.dtype, t.device, rdims)

@@ -23,6 +23,7 @@ left alone: their centred gradient would be zero and they would never train.
 
 References:
     Yong et al., ECCV 2020, §3.1 (Eq. 1) and §5.1 (GC on Conv and FC layers).
+
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -42,7 +43,7 @@ MODES: dict[str, frozenset[str]] = {
     "conv": frozenset({"conv"}),
     "fc": frozenset({"fc"}),
 }
-Selector = Union[str, Sequence[str], Callable[[str, Tensor], bool], None]
+Selector = str | Sequence[str] | Callable[[str, Tensor], bool] | None
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Spec:
         dims: the dims one output unit spans (the reduction dims).
         groups: dim 0 is split into this many groups (ConvTranspose), else 1.
         layer: the layer type it was decided from, for :meth:`Plan.describe`.
+
     """
 
     kind: str
@@ -62,7 +64,7 @@ class Spec:
     layer: str = "tensor"
 
 
-def check_mode(mode: object) -> Optional[str]:
+def check_mode(mode: object) -> str | None:
     """Validate a GC mode; ``None`` (or ``"none"``) means GC is off.
 
     Args:
@@ -73,6 +75,7 @@ def check_mode(mode: object) -> Optional[str]:
 
     Raises:
         ValueError: naming the bad mode.
+
     """
     if mode is None or mode == "none":
         return None
@@ -83,7 +86,7 @@ def check_mode(mode: object) -> Optional[str]:
     return mode
 
 
-def fallback_spec(t: Tensor) -> Optional[Spec]:
+def fallback_spec(t: Tensor) -> Spec | None:
     """The bare-tensor rule: ndim 2 is FC, ndim >= 3 is conv, output dim 0.
 
     Args:
@@ -91,6 +94,7 @@ def fallback_spec(t: Tensor) -> Optional[Spec]:
 
     Returns:
         Its spec, or None for tensors with fewer than 2 dims.
+
     """
     if t.dim() < 2:
         return None
@@ -98,7 +102,7 @@ def fallback_spec(t: Tensor) -> Optional[Spec]:
     return Spec(kind, tuple(range(1, t.dim())), 1, "tensor")
 
 
-def _module_specs(module: nn.Module, embeddings: bool) -> dict[str, Optional[Spec]]:
+def _module_specs(module: nn.Module, embeddings: bool) -> dict[str, Spec | None]:
     """Specs of the parameters owned directly by ``module`` (not its children)."""
     layer = type(module).__name__
     own = dict(module.named_parameters(recurse=False))
@@ -146,8 +150,8 @@ class Plan:
 
     def __init__(
         self,
-        specs: dict[int, tuple[str, Tensor, Optional[Spec]]],
-        mode: Optional[str],
+        specs: dict[int, tuple[str, Tensor, Spec | None]],
+        mode: str | None,
         include: Selector = None,
         exclude: Selector = None,
     ) -> None:
@@ -157,7 +161,7 @@ class Plan:
         self._exclude = _matcher(exclude)
         self._selectors = (include, exclude)
 
-    def with_mode(self, mode: Optional[str]) -> Plan:
+    def with_mode(self, mode: str | None) -> Plan:
         """The same layer decisions under another mode."""
         return Plan(self._specs, mode, *self._selectors)
 
@@ -166,7 +170,7 @@ class Plan:
         entry = self._specs.get(id(p))
         return entry[0] if entry is not None and entry[1] is p else f"<tensor {tuple(p.shape)}>"
 
-    def spec(self, p: Tensor) -> Optional[Spec]:
+    def spec(self, p: Tensor) -> Spec | None:
         """The spec of ``p`` under this plan's mode, or None to leave it alone."""
         if self.mode is None:
             return None
@@ -205,10 +209,10 @@ class Plan:
 
 
 def plan(
-    model: Optional[nn.Module] = None,
-    mode: Optional[str] = "all",
+    model: nn.Module | None = None,
+    mode: str | None = "all",
     *,
-    params: Optional[Iterable[Tensor]] = None,
+    params: Iterable[Tensor] | None = None,
     include: Selector = None,
     exclude: Selector = None,
     embeddings: bool = False,
@@ -240,8 +244,9 @@ def plan(
 
     References:
         Yong et al., ECCV 2020, §3.1 and §5.1.
+
     """
-    specs: dict[int, tuple[str, Tensor, Optional[Spec]]] = {}
+    specs: dict[int, tuple[str, Tensor, Spec | None]] = {}
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -6,12 +6,13 @@ update, so with ``gc=None`` a gradcent optimizer *is* the torch one, bit for bit
 
 References:
     Yong et al., ECCV 2020, Algorithm 1 (SGDM + GC) and Algorithm 2 (Adam + GC).
+
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,8 @@ class GCMixin:
 
     def _init_gc(
         self,
-        gc: Optional[str],
-        model: Optional[nn.Module],
+        gc: str | None,
+        model: nn.Module | None,
         include: Selector,
         exclude: Selector,
     ) -> None:
@@ -69,7 +70,7 @@ class GCMixin:
         """Hook for subclasses: runs after GC, before the parent's update."""
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step with GC applied to the gradients.
 
         Args:
@@ -78,6 +79,7 @@ class GCMixin:
 
         Returns:
             The loss returned by ``closure``, if any.
+
         """
         loss = None
         if closure is not None:

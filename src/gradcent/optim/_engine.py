@@ -14,11 +14,12 @@ their ``step``), so both follow the same rules:
 
 References:
     Yong et al., ECCV 2020, §3.4 (weight decay) and Eq. 4.
+
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +57,7 @@ class Centralizer:
         plan: layer decisions; its mode is the default for groups without a
             ``"gc"`` key.
         where: ``"gradient"`` or ``"update"``.
+
     """
 
     def __init__(self, plan: Plan, where: str = "gradient") -> None:
@@ -142,7 +144,7 @@ class Centralizer:
                 p.detach().copy_(entry[1].add_(delta))
         self._snapshots.clear()
 
-    def restore(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    def restore(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Put back every ``weight_decay`` set to 0 for a step (also after a failed step)."""
         if optimizer is not None:
             for gi, wd in self._saved_decay.items():

@@ -2,11 +2,12 @@
 
 References:
     Yong et al., ECCV 2020, §5.3 (Adagrad + GC); Duchi et al., JMLR 2011.
+
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ class Adagrad(GCMixin, torch.optim.Adagrad):
 
     References:
         Yong et al., ECCV 2020, §3.4 and §5.3.
+
     """
 
     _torch_base = torch.optim.Adagrad
@@ -37,14 +39,14 @@ class Adagrad(GCMixin, torch.optim.Adagrad):
     def __init__(
         self,
         params: Params,
-        lr: Union[float, Tensor] = 1e-2,
+        lr: float | Tensor = 1e-2,
         lr_decay: float = 0,
         weight_decay: float = 0,
         initial_accumulator_value: float = 0,
         eps: float = 1e-10,
         *,
-        gc: Optional[str] = "all",
-        model: Optional[nn.Module] = None,
+        gc: str | None = "all",
+        model: nn.Module | None = None,
         include: Selector = None,
         exclude: Selector = None,
         **kwargs: Any,

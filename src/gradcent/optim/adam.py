@@ -3,11 +3,12 @@
 References:
     Yong et al., ECCV 2020, Algorithm 2 (Adam + GC).
     Loshchilov & Hutter, ICLR 2019 (AdamW).
+
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ class Adam(GCMixin, torch.optim.Adam):
 
     References:
         Yong et al., ECCV 2020, Algorithm 2 and §3.4.
+
     """
 
     _torch_base = torch.optim.Adam
@@ -38,14 +40,14 @@ class Adam(GCMixin, torch.optim.Adam):
     def __init__(
         self,
         params: Params,
-        lr: Union[float, Tensor] = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0,
         amsgrad: bool = False,
         *,
-        gc: Optional[str] = "all",
-        model: Optional[nn.Module] = None,
+        gc: str | None = "all",
+        model: nn.Module | None = None,
         include: Selector = None,
         exclude: Selector = None,
         **kwargs: Any,
@@ -62,6 +64,7 @@ class AdamW(GCMixin, torch.optim.AdamW):
 
     References:
         Loshchilov & Hutter, ICLR 2019; Yong et al., ECCV 2020, §5.3.
+
     """
 
     _torch_base = torch.optim.AdamW
@@ -69,14 +72,14 @@ class AdamW(GCMixin, torch.optim.AdamW):
     def __init__(
         self,
         params: Params,
-        lr: Union[float, Tensor] = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
-        gc: Optional[str] = "all",
-        model: Optional[nn.Module] = None,
+        gc: str | None = "all",
+        model: nn.Module | None = None,
         include: Selector = None,
         exclude: Selector = None,
         **kwargs: Any,

@@ -2,11 +2,10 @@
 
 References:
     Yong et al., ECCV 2020, §3.3 ("only one line of code").
+
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import nn
@@ -21,6 +20,7 @@ class GCHandle:
     Attributes:
         plan: the :class:`~gradcent.rules.Plan` in use (see ``plan.describe()``).
         where: ``"gradient"`` or ``"update"``.
+
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, centralizer: Centralizer) -> None:
@@ -46,8 +46,8 @@ class GCHandle:
 
 def attach(
     optimizer: torch.optim.Optimizer,
-    model: Optional[nn.Module] = None,
-    mode: Optional[str] = "all",
+    model: nn.Module | None = None,
+    mode: str | None = "all",
     where: str = "gradient",
     *,
     include: Selector = None,
@@ -87,9 +87,11 @@ def attach(
 
     References:
         Yong et al., ECCV 2020, Algorithm 1-2 and §3.4.
+
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        name = type(optimizer).__name__
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {name}")
     mode = check_mode(mode)
     if isinstance(optimizer, torch.optim.LBFGS) and where == "gradient":
         raise ValueError(

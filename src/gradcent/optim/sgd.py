@@ -3,12 +3,13 @@
 References:
     Yong et al., ECCV 2020, Algorithm 1 (SGDM + GC).
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (SGDW).
+
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from gradcent.optim._base import GCMixin
 from gradcent.rules import Selector
 
-Params = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
 class SGD(GCMixin, torch.optim.SGD):
@@ -34,6 +35,7 @@ class SGD(GCMixin, torch.optim.SGD):
 
     References:
         Yong et al., ECCV 2020, Algorithm 1 and §3.4.
+
     """
 
     _torch_base = torch.optim.SGD
@@ -41,18 +43,18 @@ class SGD(GCMixin, torch.optim.SGD):
     def __init__(
         self,
         params: Params,
-        lr: Union[float, Tensor] = 1e-3,
+        lr: float | Tensor = 1e-3,
         momentum: float = 0,
         dampening: float = 0,
         weight_decay: float = 0,
         nesterov: bool = False,
         *,
         maximize: bool = False,
-        foreach: Optional[bool] = None,
+        foreach: bool | None = None,
         differentiable: bool = False,
-        fused: Optional[bool] = None,
-        gc: Optional[str] = "all",
-        model: Optional[nn.Module] = None,
+        fused: bool | None = None,
+        gc: str | None = "all",
+        model: nn.Module | None = None,
         include: Selector = None,
         exclude: Selector = None,
     ) -> None:
@@ -81,6 +83,7 @@ class SGDW(SGD):
     References:
         Loshchilov & Hutter, ICLR 2019, Algorithm 1 (SGDW);
         Yong et al., ECCV 2020, §5.3 (SGDW + GC).
+
     """
 
     decoupled = True
@@ -101,6 +104,7 @@ class SGDW(SGD):
         try:
             return super().step(closure)
         finally:
-            for group, wd in zip(self.param_groups, getattr(self, "_decoupled_wd", [])):
+            saved = getattr(self, "_decoupled_wd", [])
+            for group, wd in zip(self.param_groups, saved, strict=False):
                 group["weight_decay"] = wd
             self._decoupled_wd = []
