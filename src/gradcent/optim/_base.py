@@ -66,6 +66,27 @@ class GCMixin:
         for group in self.param_groups:
             group["gc"] = check_mode(group.get("gc", self.defaults.get("gc")))
 
+    def centralize_grads(self) -> None:
+        """Run GC on the current gradients now, e.g. to clip after GC.
+
+        Call it after the last backward and before clipping; the next
+        :meth:`step` then uses the (clipped) centred gradients as they are and
+        folds coupled decay once, as λ·P(w). ``zero_grad`` cancels it.
+
+        Raises:
+            ValueError: if a gradient is sparse.
+
+        References:
+            Yong et al., ECCV 2020, Eq. 1 and §3.4.
+
+        """
+        self._gc.centralize_now(self)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; also cancels a :meth:`centralize_grads` whose step never came."""
+        self._gc.discard_pending()
+        super().zero_grad(set_to_none)
+
     def _pre_update(self) -> None:
         """Hook for subclasses: runs after GC, before the parent's update."""
 

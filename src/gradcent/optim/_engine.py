@@ -19,12 +19,13 @@ References:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradcent.core import centralize_
+from gradcent.core import centralize, centralize_
 from gradcent.rules import Plan
 
 # Optimizers whose weight_decay adds λw to the gradient before anything else.
@@ -67,6 +68,9 @@ class Centralizer:
         self.where = where
         self._saved_decay: dict[int, float] = {}
         self._snapshots: dict[int, tuple[Tensor, Tensor]] = {}
+        # Gradients already centred by centralize_now(), keyed by id(param): the
+        # next step leaves them as they are (the user may have clipped them).
+        self._pending: dict[int, weakref.ref] = {}
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
@@ -85,6 +89,7 @@ class Centralizer:
     def before(self, optimizer: torch.optim.Optimizer) -> None:
         """Centralize gradients (folding coupled decay) or snapshot weights."""
         self.restore(optimizer)
+        done, self._pending = self._pending, {}
         for gi, group in enumerate(optimizer.param_groups):
             gplan = self._group_plan(group)
             if gplan.mode is None:
@@ -94,19 +99,58 @@ class Centralizer:
                 continue
             fold = has_coupled_decay(optimizer, group)
             if fold:
-                self._fold_decay(gplan, group)
+                self._fold_decay(gplan, group, done)
                 self._saved_decay[gi] = group["weight_decay"]
                 group["weight_decay"] = 0.0
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 spec = self._spec(gplan, p)
-                if spec is not None:
+                if spec is not None and not _is_pending(done, p):
                     centralize_(p.grad, spec.dims, spec.groups)
 
-    def _fold_decay(self, gplan: Plan, group: dict[str, Any]) -> None:
+    @torch.no_grad()
+    def centralize_now(self, optimizer: torch.optim.Optimizer) -> None:
+        """Centralize the current gradients now, so they can be clipped after GC.
+
+        The next step leaves these gradients as they are (no second GC pass) and
+        folds coupled decay as λ·P(w), so the update uses clip(P g) + λ·P(w) =
+        P(clip(P g) + λw) for norm clipping: decay is folded once, at the step, is
+        not clipped (as in torch, where decay is added inside the step), and
+        ``weight_decay`` is untouched until that step and restored after it. A
+        gradient replaced after this call (a new backward after
+        ``zero_grad(set_to_none=True)``) is centralized by the step as usual.
+        """
+        if self.where != "gradient":
+            raise ValueError(
+                "centralize_now() needs where='gradient'; with where='update' GC projects "
+                "the update after the step, so clipping order does not matter"
+            )
+        self.restore(optimizer)
+        self._pending = {}
+        for group in optimizer.param_groups:
+            gplan = self._group_plan(group)
+            if gplan.mode is None:
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                spec = self._spec(gplan, p)
+                if spec is not None:
+                    centralize_(p.grad, spec.dims, spec.groups)
+                    self._pending[id(p)] = weakref.ref(p.grad)
+
+    def discard_pending(self) -> None:
+        """Forget a :meth:`centralize_now` whose step never came (zero_grad, skipped step)."""
+        self._pending = {}
+
+    def _fold_decay(
+        self, gplan: Plan, group: dict[str, Any], done: dict[int, weakref.ref]
+    ) -> None:
         # torch computes grad (negated when maximizing) + λw; fold the same sum
         # into p.grad so that the optimizer, run with weight_decay=0, sees it.
+        # A gradient centred earlier by centralize_now() gets λ·P(w) instead,
+        # the decay's share of P(g + λw), without centring (or un-clipping) g again.
         alpha = -group["weight_decay"] if group.get("maximize", False) else group["weight_decay"]
         for p in group["params"]:
             if p.grad is None:
@@ -116,7 +160,9 @@ class Centralizer:
                     f"Parameter {gplan.name(p)!r} has a sparse gradient and weight_decay="
                     f"{group['weight_decay']}: the paper's rule P(g + λw) needs dense gradients"
                 )
-            p.grad.add_(p.detach(), alpha=alpha)
+            spec = gplan.spec(p) if _is_pending(done, p) else None
+            decay = p.detach() if spec is None else centralize(p.detach(), spec.dims, spec.groups)
+            p.grad.add_(decay, alpha=alpha)
 
     def _snapshot(self, gplan: Plan, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -151,3 +197,9 @@ class Centralizer:
                 if gi < len(optimizer.param_groups):
                     optimizer.param_groups[gi]["weight_decay"] = wd
         self._saved_decay.clear()
+
+
+def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:
+    """True when ``p.grad`` is the very tensor centralize_now() centred."""
+    ref = done.get(id(p))
+    return ref is not None and ref() is p.grad

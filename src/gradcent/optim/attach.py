@@ -33,6 +33,21 @@ class GCHandle:
             optimizer.register_step_post_hook(lambda opt, args, kwargs: centralizer.after(opt)),
         ]
 
+    def centralize_now(self) -> None:
+        """Run GC on the current gradients now, e.g. to clip after GC.
+
+        The next ``optimizer.step()`` uses the (clipped) centred gradients as
+        they are and folds coupled decay once, as λ·P(w).
+
+        Raises:
+            ValueError: with ``where="update"`` (clipping order is then irrelevant).
+
+        References:
+            Yong et al., ECCV 2020, Eq. 1 and §3.4.
+
+        """
+        self._gc.centralize_now(self.optimizer)
+
     def remove(self) -> None:
         """Detach GC: later steps are plain steps of the wrapped optimizer."""
         for h in self._hooks:
