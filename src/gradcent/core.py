@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -29,11 +30,13 @@ def _resolve_dims(t: Tensor, dims: Dims) -> tuple[int, ...]:
     """Reduction dims as non-negative ints; default is every dim but 0."""
     if dims is None:
         return tuple(range(1, t.dim()))
-    resolved = tuple(sorted({d % t.dim() if t.dim() else d for d in dims}))
-    for d in resolved:
-        if not 0 <= d < max(t.dim(), 1):
-            raise ValueError(f"Invalid dim {d} for a tensor of shape {tuple(t.shape)}")
-    return resolved
+    if isinstance(dims, int):
+        dims = (dims,)
+    for d in dims:
+        # Check before wrapping: d % ndim would silently turn dim 5 of a 2-D tensor into 1.
+        if isinstance(d, bool) or not isinstance(d, int) or not -t.dim() <= d < t.dim():
+            raise ValueError(f"Invalid dim {d!r} for a tensor of shape {tuple(t.shape)}")
+    return tuple(sorted({d % t.dim() for d in dims}))
 
 
 def _unit_view(t: Tensor, dims: tuple[int, ...], groups: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -82,6 +85,64 @@ def _subtract_mean_(view: Tensor, dims: tuple[int, ...]) -> None:
         view.sub_(view.mean(dim=dims, keepdim=True))
 
 
+# DTensor (FSDP2, tensor parallel) support lives here, not in gradcent.distributed:
+# the optimizer layer calls centralize_ and must not import layer 4. Nothing here
+# imports torch.distributed unless a DTensor is actually passed in.
+def _is_dtensor(t: Tensor) -> bool:
+    """True for a DTensor, without importing torch.distributed for plain tensors."""
+    # A DTensor can only exist once torch.distributed.tensor is imported.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _centralize_dtensor_(t: Tensor, rdims: tuple[int, ...], groups: int) -> None:
+    """Centralize a DTensor in place, shard by shard.
+
+    When no mesh dim shards a reduction dim (FSDP2's Shard(0) of a weight whose
+    output axis is dim 0, Replicate), every unit lies whole on one shard: the
+    local shard is centred with no communication, uneven and empty shards
+    included. Otherwise (ConvTranspose under Shard(0), Shard(1)) each rank sums
+    its part of every unit in float32 and one all-reduce per splitting mesh dim,
+    of one float per unit, completes the means. Only global metadata decides
+    the path, so every rank joins the same collectives, even with an empty shard.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Partial, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for pl in t.placements:
+        # P is linear: each pending summand of a sum/avg Partial is centred alone.
+        if isinstance(pl, Partial) and pl.reduce_op not in ("sum", "avg"):
+            raise ValueError(f"Cannot centralize a DTensor with placement {pl}: not linear")
+    if groups > 1 and t.shape[0] % groups:
+        raise ValueError(f"dim 0 of shape {tuple(t.shape)} is not divisible by groups={groups}")
+    local = t.to_local()
+    split = [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard) and pl.dim in rdims]
+    if not split:
+        if local.numel():
+            _subtract_mean_(*_unit_view(local, rdims, groups))
+        return
+    acc = torch.promote_types(local.dtype, torch.float32)
+    inner = tuple(d for d in rdims if d != 0)
+    sums = local.sum(dim=inner, keepdim=True, dtype=acc) if inner else local.to(acc)
+    rows = None
+    if 0 in rdims:
+        # One row of sums per group; a shard of dim 0 may straddle groups.
+        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        rows = torch.arange(local.shape[0], device=local.device).add_(offset[0])
+        rows = rows.div_(t.shape[0] // groups, rounding_mode="floor")
+        sums = sums.new_zeros((groups, *sums.shape[1:])).index_add_(0, rows, sums)
+    for i in split:
+        dist.all_reduce(sums, group=t.device_mesh.get_group(i))
+    mean = sums.div_(unit_size(t.shape, rdims, groups))
+    if rows is not None:
+        mean = mean.index_select(0, rows)
+    if local.dtype == acc:
+        local.sub_(mean)
+    elif local.numel():
+        local.copy_(local.to(acc).sub_(mean))
+
+
 def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
     """Centralize ``t`` in place: subtract each output unit's mean (Eq. 1).
 
@@ -101,8 +162,15 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
         Yong et al., ECCV 2020, Eq. 1.
 
     """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"centralize_ expects a torch.Tensor, got {type(t).__name__}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"Invalid groups: {groups!r} (expected an int >= 1)")
     rdims = _resolve_dims(t, dims)
     if not rdims or t.numel() == 0 or unit_size(t.shape, rdims, groups) <= 1:
+        return t
+    if _is_dtensor(t):
+        _centralize_dtensor_(t, rdims, groups)
         return t
     view, vdims = _unit_view(t, rdims, groups)
     _subtract_mean_(view, vdims)
@@ -129,7 +197,7 @@ def centralize(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
         Yong et al., ECCV 2020, Eq. 1-2.
 
     """
-    return centralize_(t.clone(), dims, groups)
+    return centralize_(t.clone() if isinstance(t, Tensor) else t, dims, groups)
 
 
 def centralize_many_(
@@ -154,7 +222,7 @@ def centralize_many_(
 
     """
     n = len(tensors)
-    per_dims = list(dims) if _is_per_tensor(dims, n) else [dims] * n
+    per_dims = list(dims) if _is_per_tensor(dims) else [dims] * n
     per_groups = list(groups) if isinstance(groups, Sequence) else [groups] * n
     if len(per_dims) != n or len(per_groups) != n:
         raise ValueError(
@@ -163,7 +231,9 @@ def centralize_many_(
     buckets: dict[tuple, list[Tensor]] = {}
     for t, d, g in zip(tensors, per_dims, per_groups, strict=False):
         rdims = _resolve_dims(t, d)
-        if t.numel() <= _STACK_MAX_NUMEL and g == 1:
+        if not rdims or t.numel() == 0:
+            continue  # nothing to centre: skip the stack-and-copy round trip
+        if t.numel() <= _STACK_MAX_NUMEL and g == 1 and not _is_dtensor(t):
             key = (tuple(t.shape), t.dtype, t.device, rdims)
             buckets.setdefault(key, []).append(t)
         else:
@@ -177,8 +247,12 @@ def centralize_many_(
         torch._foreach_copy_(group, list(stacked.unbind(0)))
 
 
-def _is_per_tensor(dims: object, n: int) -> bool:
-    """True when ``dims`` holds one entry (None or a sequence) per tensor."""
+def _is_per_tensor(dims: object) -> bool:
+    """True when ``dims`` is a list of entries (None or a sequence), one per tensor.
+
+    A flat sequence of ints is one ``dims`` for all tensors; a list whose
+    length does not match the tensors is reported by the caller.
+    """
     if dims is None or not isinstance(dims, Sequence) or len(dims) == 0:
         return False
-    return all(d is None or isinstance(d, Sequence) for d in dims) and len(dims) == n
+    return all(d is None or isinstance(d, Sequence) for d in dims)

@@ -86,6 +86,10 @@ def check_mode(mode: object) -> str | None:
     return mode
 
 
+# A lazy parameter of an unknown layer has no shape yet: decided at its first step.
+_DEFERRED = Spec("deferred", (), 1, "lazy")
+
+
 def fallback_spec(t: Tensor) -> Spec | None:
     """The bare-tensor rule: ndim 2 is FC, ndim >= 3 is conv, output dim 0.
 
@@ -125,7 +129,10 @@ def _module_specs(module: nn.Module, embeddings: bool) -> dict[str, Spec | None]
         if w is None or not embeddings:
             return {"weight": None} if w is not None else {}
         return {"weight": Spec("fc", (1,), 1, layer)}
-    return {name: fallback_spec(p) for name, p in own.items()}
+    return {
+        name: _DEFERRED if isinstance(p, nn.parameter.UninitializedParameter) else fallback_spec(p)
+        for name, p in own.items()
+    }
 
 
 def _matcher(selector: Selector) -> Callable[[str, Tensor], bool]:
@@ -134,6 +141,10 @@ def _matcher(selector: Selector) -> Callable[[str, Tensor], bool]:
         return lambda name, p: False
     if callable(selector):
         return selector
+    if not isinstance(selector, (str, Sequence)):
+        raise TypeError(
+            f"Invalid name pattern: {selector!r} (expected str, a list of str or a callable)"
+        )
     patterns = [selector] if isinstance(selector, str) else list(selector)
     for pat in patterns:
         if not isinstance(pat, str):
@@ -179,6 +190,8 @@ class Plan:
             name, spec = entry[0], entry[2]
         else:
             name, spec = f"<tensor {tuple(p.shape)}>", fallback_spec(p)
+        if spec is _DEFERRED:
+            spec = fallback_spec(p)
         if self._exclude(name, p):
             return None
         if self._include(name, p):
@@ -235,7 +248,10 @@ def plan(
         A :class:`Plan`.
 
     Raises:
-        ValueError: for an unknown mode.
+        ValueError: for an unknown mode, or a ``model`` that shares no parameter
+            with ``params`` (a model without weights, or the wrong module).
+        TypeError: for a ``model`` that is not an ``nn.Module``, a non-tensor in
+            ``params`` or a malformed ``include`` / ``exclude``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(10))
@@ -256,8 +272,16 @@ def plan(
                 if id(p) not in specs:  # a tied weight keeps its first owner's rule
                     name = f"{mod_name}.{pname}" if mod_name else pname
                     specs[id(p)] = (name, p, decided.get(pname))
-    for i, p in enumerate(params or ()):
+    params = list(params or ())
+    for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"params[{i}] is a {type(p).__name__}, not a Tensor")
+    if model is not None and params and not any(id(p) in specs for p in params):
+        # Most likely the wrong module was passed: its layer types would decide nothing.
+        raise ValueError(
+            f"model ({type(model).__name__}) shares no parameter with the optimizer: "
+            "pass the model the optimizer trains, or model=None for bare-tensor rules"
+        )
+    for i, p in enumerate(params):
         specs.setdefault(id(p), (f"params[{i}]", p, fallback_spec(p)))
     return Plan(specs, mode, include, exclude)

@@ -4,11 +4,12 @@
 :func:`gradcent.attach` (through step hooks) and by the named optimizers (inside
 their ``step``), so both follow the same rules:
 
-* ``where="gradient"``: each planned gradient g becomes P(g + λw) when the
-  optimizer applies L2 decay by adding λw to the gradient (coupled decay), the
-  paper's rule (§3.4); the group's ``weight_decay`` is set to 0 for that step
-  and restored afterwards, so decay is neither lost nor applied twice. Decoupled
-  decay (AdamW, ``decoupled_weight_decay=True``) is left to the optimizer.
+* ``where="gradient"``: the optimizer sees P(g + λw) for each planned
+  parameter when it applies L2 decay by adding λw to the gradient (coupled
+  decay), the paper's rule (§3.4): the gradient becomes P(g + λw) − λw and the
+  optimizer adds λw back. ``weight_decay`` is never modified, so a step that
+  raises leaves nothing to restore. Decoupled decay (AdamW,
+  ``decoupled_weight_decay=True``) is left to the optimizer.
 * ``where="update"``: the whole update w_t − w_{t−1} of each planned parameter
   is projected, so eᵀ(w_t − w_0) = 0 holds for any optimizer.
 
@@ -66,7 +67,6 @@ class Centralizer:
             raise ValueError(f"Invalid where: {where!r} (expected 'gradient' or 'update')")
         self.plan = plan
         self.where = where
-        self._saved_decay: dict[int, float] = {}
         self._snapshots: dict[int, tuple[Tensor, Tensor]] = {}
         # Gradients already centred by centralize_now(), keyed by id(param): the
         # next step leaves them as they are (the user may have clipped them).
@@ -88,20 +88,18 @@ class Centralizer:
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer) -> None:
         """Centralize gradients (folding coupled decay) or snapshot weights."""
-        self.restore(optimizer)
         done, self._pending = self._pending, {}
-        for gi, group in enumerate(optimizer.param_groups):
+        self._snapshots.clear()
+        for group in optimizer.param_groups:
             gplan = self._group_plan(group)
             if gplan.mode is None:
                 continue
             if self.where == "update":
                 self._snapshot(gplan, group)
                 continue
-            fold = has_coupled_decay(optimizer, group)
-            if fold:
-                self._fold_decay(gplan, group, done)
-                self._saved_decay[gi] = group["weight_decay"]
-                group["weight_decay"] = 0.0
+            if has_coupled_decay(optimizer, group):
+                self._fold_decay(optimizer, gplan, group, done)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -116,8 +114,7 @@ class Centralizer:
         The next step leaves these gradients as they are (no second GC pass) and
         folds coupled decay as λ·P(w), so the update uses clip(P g) + λ·P(w) =
         P(clip(P g) + λw) for norm clipping: decay is folded once, at the step, is
-        not clipped (as in torch, where decay is added inside the step), and
-        ``weight_decay`` is untouched until that step and restored after it. A
+        not clipped (as in torch, where decay is added inside the step). A
         gradient replaced after this call (a new backward after
         ``zero_grad(set_to_none=True)``) is centralized by the step as usual.
         """
@@ -126,7 +123,6 @@ class Centralizer:
                 "centralize_now() needs where='gradient'; with where='update' GC projects "
                 "the update after the step, so clipping order does not matter"
             )
-        self.restore(optimizer)
         self._pending = {}
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
@@ -145,37 +141,57 @@ class Centralizer:
         self._pending = {}
 
     def _fold_decay(
-        self, gplan: Plan, group: dict[str, Any], done: dict[int, weakref.ref]
+        self,
+        optimizer: torch.optim.Optimizer,
+        gplan: Plan,
+        group: dict[str, Any],
+        done: dict[int, weakref.ref],
     ) -> None:
-        # torch computes grad (negated when maximizing) + λw; fold the same sum
-        # into p.grad so that the optimizer, run with weight_decay=0, sees it.
-        # A gradient centred earlier by centralize_now() gets λ·P(w) instead,
-        # the decay's share of P(g + λw), without centring (or un-clipping) g again.
-        alpha = -group["weight_decay"] if group.get("maximize", False) else group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ValueError(
-                    f"Parameter {gplan.name(p)!r} has a sparse gradient and weight_decay="
-                    f"{group['weight_decay']}: the paper's rule P(g + λw) needs dense gradients"
-                )
-            spec = gplan.spec(p) if _is_pending(done, p) else None
-            decay = p.detach() if spec is None else centralize(p.detach(), spec.dims, spec.groups)
-            p.grad.add_(decay, alpha=alpha)
-
-    def _snapshot(self, gplan: Plan, group: dict[str, Any]) -> None:
+        # torch computes d = grad (negated when maximizing) + λw inside its step.
+        # The paper wants d = P(g + λw), so each planned gradient becomes
+        # g' = P(g + αw) − αw (α = ±λ): the optimizer's own + λw then yields the
+        # paper's rule. weight_decay itself is never touched, so a step that
+        # raises, a state_dict taken mid-step or a compiled step all see the
+        # user's value. A gradient centred earlier by centralize_now() (maybe
+        # clipped since) is not centred again: it gets g' = g + αP(w) − αw, so
+        # the step uses clip(Pg) + λP(w).
+        wd = group["weight_decay"]
+        alpha = -wd if group.get("maximize", False) else wd
+        # GradScaler's fused path hands the step still-scaled gradients s·g and
+        # lets the kernel divide by s: the decay term must be scaled alike.
+        scale = getattr(optimizer, "grad_scale", None)
         for p in group["params"]:
             if p.grad is None:
                 continue
             spec = self._spec(gplan, p)
-            if spec is not None:
+            if spec is None:
+                continue  # the optimizer adds λw itself, as without GC
+            w = p.detach()
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"Parameter {gplan.name(p)!r} has a sparse gradient and weight_decay="
+                    f"{wd}: the paper's rule P(g + λw) needs dense gradients"
+                )
+            decay = w * alpha if scale is None else w * (scale * alpha)
+            if _is_pending(done, p):
+                p.grad.add_(centralize(decay, spec.dims, spec.groups) - decay)
+                continue
+            p.grad.add_(decay)
+            centralize_(p.grad, spec.dims, spec.groups)
+            p.grad.sub_(decay)
+
+    def _snapshot(self, gplan: Plan, group: dict[str, Any]) -> None:
+        # A parameter without a gradient yet is snapshot too when it can train:
+        # LBFGS computes the first gradients inside step(), after this hook.
+        for p in group["params"]:
+            if p.grad is None and not p.requires_grad:
+                continue
+            if gplan.spec(p) is not None:
                 self._snapshots[id(p)] = (p, p.detach().clone())
 
     @torch.no_grad()
     def after(self, optimizer: torch.optim.Optimizer) -> None:
-        """Restore folded decay, or project each planned update."""
-        self.restore(optimizer)
+        """With ``where="update"``, project each planned update w_t − w_{t−1}."""
         if not self._snapshots:
             return
         for group in optimizer.param_groups:
@@ -190,13 +206,10 @@ class Centralizer:
                 p.detach().copy_(entry[1].add_(delta))
         self._snapshots.clear()
 
-    def restore(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Put back every ``weight_decay`` set to 0 for a step (also after a failed step)."""
-        if optimizer is not None:
-            for gi, wd in self._saved_decay.items():
-                if gi < len(optimizer.param_groups):
-                    optimizer.param_groups[gi]["weight_decay"] = wd
-        self._saved_decay.clear()
+    def reset(self) -> None:
+        """Drop the weight snapshots and pending gradients of an unfinished step."""
+        self._snapshots.clear()
+        self._pending = {}
 
 
 def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:

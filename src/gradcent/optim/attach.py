@@ -53,7 +53,7 @@ class GCHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._gc.restore(self.optimizer)
+        self._gc.reset()
 
     def __repr__(self) -> str:
         return f"GCHandle({type(self.optimizer).__name__}, where={self.where!r}, {self.plan!r})"
