@@ -1,0 +1,130 @@
+"""gradcent.layouts: output axes per framework layout, same decisions as rules."""
+
+import pytest
+import torch
+from torch import nn
+
+from gradcent.core import centralize
+from gradcent.layouts import LAYOUTS, check_layout, kernel_spec, layer_spec, output_axes
+from gradcent.rules import plan
+
+
+@pytest.mark.parametrize(
+    "shape, kind, layout, dims, groups",
+    [
+        ((8, 3), "dense", "flax", (0,), 1),
+        ((8, 3), "dense", "keras", (0,), 1),
+        ((3, 8), "dense", "torch", (1,), 1),
+        ((3, 3, 4, 16), "conv", "flax", (0, 1, 2), 1),
+        ((3, 3, 4, 16), "conv", "haiku", (0, 1, 2), 1),
+        ((16, 4, 3, 3), "conv", "torch", (1, 2, 3), 1),
+        ((3, 3, 4, 6), "conv_transpose", "flax", (0, 1, 2), 1),  # (k, k, in, out)
+        ((3, 3, 6, 4), "conv_transpose", "keras", (0, 1, 3), 1),  # (k, k, out, in)
+        ((3, 3, 6, 4), "conv_transpose", "haiku", (0, 1, 3), 1),  # (k, k, out, in)
+        ((4, 3, 3, 3), "conv_transpose", "torch", (0, 2, 3), 2),  # (in, out/g, k, k)
+        ((3, 3, 4, 2), "depthwise", "keras", (0, 1), 1),  # (k, k, in, mult)
+        ((3, 3, 1, 8), "depthwise", "flax", (0, 1, 2), 1),  # grouped conv kernel
+        ((5, 7), "tensor", "torch", (1,), 1),
+        ((5, 7), "tensor", "flax", (0,), 1),
+        ((2, 5, 7), "tensor", "keras", (0, 1), 1),
+    ],
+)
+def test_layer_spec_table(shape, kind, layout, dims, groups):
+    spec = layer_spec(shape, kind, layout, groups=groups)
+    assert (spec.dims, spec.groups) == (dims, groups)
+    assert spec.kind == ("fc" if kind in ("dense", "embedding") or len(shape) == 2 else "conv")
+
+
+def test_excluded_kinds_and_embeddings():
+    assert layer_spec((10,), "dense", "flax") is None  # 1-D
+    assert layer_spec((4, 8), "other", "flax") is None  # bias-like, whatever its ndim
+    assert layer_spec((100, 16), "embedding", "flax") is None
+    assert layer_spec((100, 16), "embedding", "flax", embeddings=True).dims == (1,)
+    assert layer_spec((100, 16), "embedding", "torch", embeddings=True).dims == (1,)
+
+
+def test_mode_rules_come_from_rules_modes():
+    assert kernel_spec((64, 10), "dense", "flax", "all").dims == (0,)
+    assert kernel_spec((64, 10), "dense", "flax", "conv") is None
+    assert kernel_spec((3, 3, 4, 8), "conv", "flax", "fc") is None
+    assert kernel_spec((3, 3, 4, 8), "conv_transpose", "keras", "conv").dims == (0, 1, 3)
+    assert kernel_spec((64, 10), "dense", "flax", None) is None
+    # M = 1 (Dense(1, n), a depthwise 1x1 kernel): never frozen.
+    assert kernel_spec((1, 10), "dense", "flax") is None
+    assert kernel_spec((1, 1, 4, 2), "depthwise", "keras") is None
+    with pytest.raises(ValueError, match="Invalid GC mode"):
+        kernel_spec((4, 4), "dense", "flax", "gcc")
+
+
+def test_bad_layout_kind_and_groups_are_named():
+    assert check_layout("torch") == "torch" and "flax" in LAYOUTS
+    with pytest.raises(ValueError, match="'pytorch'"):
+        layer_spec((4, 4), "dense", "pytorch")
+    with pytest.raises(ValueError, match="'linear'"):
+        layer_spec((4, 4), "linear", "flax")
+    with pytest.raises(ValueError, match="groups=3"):
+        layer_spec((4, 2, 3, 3), "conv_transpose", "torch", groups=3)
+
+
+def test_output_axes():
+    spec = layer_spec((3, 3, 6, 4), "conv_transpose", "keras")
+    assert output_axes(4, spec) == (2,)
+
+
+TORCH_LAYERS = {
+    "dense": (lambda: nn.Linear(5, 7), "dense"),
+    "conv": (lambda: nn.Conv2d(4, 6, 3), "conv"),
+    "grouped_conv": (lambda: nn.Conv2d(4, 6, 3, groups=2), "conv"),
+    "conv_transpose": (lambda: nn.ConvTranspose2d(4, 6, 3), "conv_transpose"),
+    "grouped_conv_transpose": (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2), "conv_transpose"),
+}
+# torch weight -> framework kernel. Flax ConvTranspose (transpose_kernel=False)
+# holds (k, k, in, out), spatially flipped; the flip does not change which
+# entries form a unit, so only the permutation matters here.
+PERMS = {
+    ("dense", "flax"): (1, 0),
+    ("dense", "keras"): (1, 0),
+    ("conv", "flax"): (2, 3, 1, 0),
+    ("conv", "keras"): (2, 3, 1, 0),
+    ("conv_transpose", "flax"): (2, 3, 0, 1),
+    ("conv_transpose", "keras"): (2, 3, 1, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_LAYERS))
+def test_torch_layout_matches_rules_plan(name):
+    torch.manual_seed(0)
+    make, kind = TORCH_LAYERS[name]
+    layer = make()
+    rule = plan(layer).spec(layer.weight)
+    mine = kernel_spec(tuple(layer.weight.shape), kind, "torch", groups=getattr(layer, "groups", 1))
+    assert (mine.dims, mine.groups, mine.kind) == (rule.dims, rule.groups, rule.kind)
+
+
+@pytest.mark.parametrize(
+    "name, layout",
+    [
+        ("dense", "flax"),
+        ("dense", "keras"),
+        ("conv", "flax"),
+        ("conv", "keras"),
+        ("grouped_conv", "flax"),
+        ("grouped_conv", "keras"),
+        ("conv_transpose", "flax"),
+        ("conv_transpose", "keras"),
+    ],
+)
+def test_transposed_kernel_gives_the_same_centred_gradient(name, layout):
+    torch.manual_seed(0)
+    make, kind = TORCH_LAYERS[name]
+    layer = make()
+    grad = torch.randn_like(layer.weight) + 3.0  # a large mean: wrong axes show
+    rule = plan(layer).spec(layer.weight)
+    expected = centralize(grad, rule.dims, rule.groups)
+    perm = PERMS[(kind, layout)]
+    kernel_grad = grad.permute(perm)
+    spec = kernel_spec(tuple(kernel_grad.shape), kind, layout)
+    got = centralize(kernel_grad, spec.dims, spec.groups)
+    inverse = tuple(perm.index(i) for i in range(len(perm)))
+    torch.testing.assert_close(got.permute(inverse), expected)
+    assert not torch.allclose(expected, grad)
