@@ -233,7 +233,10 @@ def centralize_many_(
         rdims = _resolve_dims(t, d)
         if not rdims or t.numel() == 0:
             continue  # nothing to centre: skip the stack-and-copy round trip
-        if t.numel() <= _STACK_MAX_NUMEL and g == 1 and not _is_dtensor(t):
+        # Only contiguous tensors are stacked: a reduction over another memory
+        # layout sums in another order, and the result must match centralize_ bit for bit.
+        stackable = t.numel() <= _STACK_MAX_NUMEL and g == 1 and t.is_contiguous()
+        if stackable and not _is_dtensor(t):
             key = (tuple(t.shape), t.dtype, t.device, rdims)
             buckets.setdefault(key, []).append(t)
         else:

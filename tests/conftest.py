@@ -1,0 +1,26 @@
+"""Shared test set-up: every test starts from the same seed, with a fixed profile."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests are derandomized so that a run is reproducible on any machine.
+settings.register_profile(
+    "gradcent",
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("gradcent")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
