@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcent
+from gradcent.distributed import fully_shard_model, gc_cost
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -115,11 +115,7 @@ def _even_dim1(p: torch.Tensor, world: int) -> bool:
 
 
 def shard_model(model: nn.Module, mesh, placement_fn=None) -> nn.Module:
-    for layer in model:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh, shard_placement_fn=placement_fn)
-    fully_shard(model, mesh=mesh, shard_placement_fn=placement_fn)
-    return model
+    return fully_shard_model(model, mesh, shard_placement_fn=placement_fn)
 
 
 def core_checks(mesh, rank: int) -> dict[str, float]:
@@ -178,6 +174,10 @@ def main(out_file: str) -> None:
         opt = make_optimizer(opt_name, fsdp)
         train(fsdp, opt, xs, ys)
         results[("fsdp", opt_name)] = full_params(fsdp)
+        if opt_name == "sgd-all":
+            costs = [None] * world
+            dist.all_gather_object(costs, gc_cost(fsdp, "all"))
+            results["cost"] = costs
         if opt_name.startswith("sgd-") or opt_name == "none":
             mode = opt_name.split("-")[1] if opt_name != "none" else "all"  # none: a control
             means = [None] * world
@@ -198,6 +198,9 @@ def main(out_file: str) -> None:
     means = [None] * world
     dist.all_gather_object(means, unit_means(fsdp, opt, "all"))
     results[("means-shard1", "sgd-all")] = means
+    costs = [None] * world
+    dist.all_gather_object(costs, gc_cost(fsdp, "all"))
+    results["cost-shard1"] = costs
     if rank == 0:
         torch.save(results, out_file)
     dist.barrier()

@@ -141,3 +141,30 @@ def test_centralize_dtensor_matches_full_tensor(results: dict) -> None:
     assert len(errs) == 5 * 3 * 2 + 2
     bad = {k: v for k, v in errs.items() if v > (3e-2 if "bfloat16" in k else 1e-6)}
     assert not bad
+
+
+@pytest.mark.slow
+def test_gc_cost_under_fsdp(results: dict) -> None:
+    # Shard(0): Conv2d and both Linears keep whole units per shard (no traffic);
+    # the ConvTranspose (6, 1, 2, 2) in 3 groups all-reduces one float per unit.
+    for rank, rows in enumerate(results["cost"]):
+        by_name = {r.name: r for r in rows}
+        assert set(by_name) == {"0.weight", "2.weight", "5.weight", "7.weight"}
+        for name in ("0.weight", "5.weight", "7.weight"):
+            assert (by_name[name].path, by_name[name].bytes) == ("local", 0), (rank, name)
+        ct = by_name["2.weight"]
+        assert (ct.path, ct.collectives, ct.floats, ct.bytes) == ("all-reduce", 1, 3, 12)
+        assert ct.placements == "S(0)"
+    # Shard(1) of the conv (6, 2, 3, 3): its 6 units span both shards.
+    for rows in results["cost-shard1"]:
+        conv = {r.name: r for r in rows}["0.weight"]
+        assert (conv.path, conv.floats, conv.bytes) == ("all-reduce", 6, 24)
+
+
+def test_gc_cost_dense_model_is_free() -> None:
+    from gradcent.distributed import gc_cost
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+    rows = gc_cost(net, "conv")
+    assert [(r.name, r.path, r.bytes) for r in rows] == [("0.weight", "dense", 0)]
+    assert [r.name for r in gc_cost(net, "all")] == ["0.weight", "2.weight"]

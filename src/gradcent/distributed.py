@@ -1,0 +1,189 @@
+"""GC beyond one machine: DDP, FSDP2 (DTensor shards), and what GC costs there.
+
+* **DDP** needs nothing: DistributedDataParallel all-reduces the gradients during
+  ``backward``, so when ``optimizer.step()`` runs every rank holds the same full
+  gradient, applies the same GC and takes the same step. ``attach`` and the named
+  optimizers work unchanged (and so does ``where="update"``).
+* **FSDP2** (``torch.distributed.fsdp.fully_shard``) hands the optimizer DTensor
+  parameters and gradients, sharded ``Shard(0)`` by default. GC runs on each
+  rank's local shard; :func:`gradcent.core.centralize_` does it (it lives there,
+  not here, because the optimizer layer calls it and must not import this
+  layer). Two paths:
+
+  - *local*: no mesh dim shards a reduction dim, so each shard holds whole
+    output units (``Shard(0)`` of a Linear or Conv weight, whose output axis is
+    dim 0; uneven and empty shards included). No communication.
+  - *all-reduce*: a shard holds part of some units (a ConvTranspose weight,
+    ``(in, out/g, k…)``, whose units span dim 0; any ``Shard(d)`` with ``d`` a
+    reduction dim). Each rank sums its part of every unit in float32 and one
+    all-reduce per such mesh dim, of one float per unit of the local shard,
+    completes the means. Plain DTensor ops (``g.mean(dims, keepdim=True)`` then
+    ``g.sub_``) were tried first: they fail with an in-place placement error
+    when a weight has a single row (an empty shard), hence the explicit path.
+
+:func:`gc_cost` lists, for a sharded model, which path every planned parameter
+takes and how many floats GC all-reduces per step.
+
+References:
+    Yong et al., ECCV 2020, Eq. 1 (the per-unit mean) and §3.3 (GC's cost).
+    Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data
+    Parallel", VLDB 2023 (FSDP's sharding of parameters and gradients).
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gradcent.core import _is_dtensor
+from gradcent.rules import Plan, Spec, plan
+
+
+@dataclass(frozen=True)
+class GCCost:
+    """How GC runs for one planned parameter, and what it communicates.
+
+    Attributes:
+        name: the parameter's qualified name.
+        placements: its DTensor placements, ``"dense"`` for a plain tensor.
+        path: ``"dense"`` (a plain tensor: DDP or one process), ``"local"``
+            (every shard holds whole units: no communication) or
+            ``"all-reduce"`` (units span shards).
+        collectives: all-reduces GC issues per step for it (one per mesh dim
+            that splits its units).
+        floats: elements each of those all-reduces carries on this rank (one
+            per output unit of the local shard; 0 on the other paths).
+        bytes: ``collectives * floats`` times the accumulation dtype's size.
+
+    """
+
+    name: str
+    placements: str
+    path: str
+    collectives: int
+    floats: int
+    bytes: int
+
+
+def unit_spans_shards(p: Tensor, spec: Spec) -> list[int]:
+    """The mesh dims across which the output units of ``p`` are split.
+
+    Args:
+        p: a parameter or gradient (a DTensor, or a plain tensor).
+        spec: its GC spec (the reduction dims one unit spans).
+
+    Returns:
+        Mesh dim indices whose ``Shard(d)`` has ``d`` among ``spec.dims``; empty
+        for plain tensors and for layouts where GC is local.
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1.
+
+    """
+    if not _is_dtensor(p):
+        return []
+    from torch.distributed.tensor import Shard
+
+    return [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard) and pl.dim in spec.dims]
+
+
+def _cost(name: str, p: Tensor, spec: Spec) -> GCCost:
+    if not _is_dtensor(p):
+        return GCCost(name, "dense", "dense", 0, 0, 0)
+    placements = ", ".join(str(pl) for pl in p.placements)
+    split = unit_spans_shards(p, spec)
+    if not split:
+        return GCCost(name, placements, "local", 0, 0, 0)
+    local_shape = p.to_local().shape
+    # The all-reduced buffer: one sum per unit of the local shard; dim 0 folds
+    # into one row per group when it is a reduction dim (ConvTranspose).
+    floats = spec.groups if 0 in spec.dims else 1
+    for d, size in enumerate(local_shape):
+        if d not in spec.dims:
+            floats *= size
+    itemsize = torch.promote_types(p.dtype, torch.float32).itemsize
+    return GCCost(name, placements, "all-reduce", len(split), floats,
+                  len(split) * floats * itemsize)
+
+
+def gc_cost(
+    model: nn.Module,
+    mode: str | None = "all",
+    *,
+    gc_plan: Plan | None = None,
+    params: Iterable[tuple[str, Tensor]] | None = None,
+) -> list[GCCost]:
+    """Which GC path each planned parameter takes on this rank, and its traffic.
+
+    Call it after ``fully_shard`` (the parameters must be the DTensors the
+    optimizer sees). Parameters that GC leaves alone are not listed.
+
+    Args:
+        model: the (sharded) model.
+        mode: the GC mode, as in :func:`gradcent.plan` (ignored with ``gc_plan``).
+        gc_plan: a plan already built for this model (e.g. ``handle.plan``).
+        params: ``(name, parameter)`` pairs to report instead of all of the
+            model's.
+
+    Returns:
+        One :class:`GCCost` per planned parameter, in the model's order.
+
+    Example:
+        >>> fully_shard(model)
+        >>> sum(c.bytes for c in gradcent.distributed.gc_cost(model))  # per step
+        0
+
+    References:
+        Yong et al., ECCV 2020, §3.3 (GC's computational cost).
+
+    """
+    the_plan = gc_plan if gc_plan is not None else plan(model, mode)
+    rows = []
+    for name, p in params if params is not None else model.named_parameters():
+        spec = the_plan.spec(p)
+        if spec is not None:
+            rows.append(_cost(name, p, spec))
+    return rows
+
+
+def fully_shard_model(
+    model: nn.Module,
+    mesh: object | None = None,
+    *,
+    leaves: Iterable[nn.Module] | None = None,
+    **fsdp_kwargs: object,
+) -> nn.Module:
+    """Apply FSDP2's ``fully_shard`` to each layer that owns parameters, then the root.
+
+    Build the optimizer (or call :func:`gradcent.attach`) after this: FSDP2
+    replaces the parameters by DTensors, and GC's plan is keyed by parameter.
+
+    Args:
+        model: the model (modified in place).
+        mesh: a 1-D ``DeviceMesh`` (default: FSDP2's, all ranks on the
+            current device type).
+        leaves: the modules to shard one by one (default: every module that
+            owns parameters directly); for large models pass the blocks.
+        **fsdp_kwargs: passed to ``fully_shard`` (``reshard_after_forward``,
+            ``shard_placement_fn``, ``mp_policy``, ...).
+
+    Returns:
+        ``model``, now an FSDP2 module.
+
+    References:
+        Zhao et al., VLDB 2023 (FSDP); torch.distributed.fsdp.fully_shard.
+
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if leaves is None:
+        leaves = [m for m in model.modules()
+                  if m is not model and any(True for _ in m.parameters(recurse=False))]
+    for m in leaves:
+        fully_shard(m, mesh=mesh, **fsdp_kwargs)
+    fully_shard(model, mesh=mesh, **fsdp_kwargs)
+    return model
