@@ -1,0 +1,7 @@
+"""``python -m gradcent``: the same as the ``gradcent`` command."""
+
+import sys
+
+from gradcent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,239 @@
+"""The comparison report: a text table, results.json and results.csv.
+
+One row per (sweep point, variant): final test accuracy (AP or loss when there
+is no accuracy) and final training loss as mean ± std over seeds, the
+difference to the reference variant with a Welch p-value, seconds per epoch and
+GC's share of it; the paper's numbers beside them when the preset names a paper
+table. ``results.json`` also stores the resolved config, the seeds, library
+versions and the git commit, so every number can be reproduced.
+
+References:
+    Yong et al., ECCV 2020, Tables 1-9.
+
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from gradcent.experiments.config import RunConfig
+from gradcent.experiments.stats import Summary, compare, format_p, format_pm
+from gradcent.experiments.variants import reference_variant
+
+PaperLookup = Callable[[str, str], "dict[str, str] | None"]
+
+
+def primary_metric(results: Sequence[dict[str, Any]]) -> str:
+    """``test_acc`` for classification; ``test_ap`` (else ``test_loss``) for detection."""
+    def has(metric: str) -> bool:
+        return any(math.isfinite(float(r["final"].get(metric, math.nan))) for r in results)
+
+    for metric in ("test_acc", "test_ap"):
+        if has(metric):
+            return metric
+    return "test_loss"
+
+
+def _groups(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r.get("point", ""), r["variant"]), []).append(r)
+    return groups
+
+
+def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict]:
+    """Aggregate runs into one row per (sweep point, variant).
+
+    Args:
+        results: run results (``train.train_run``), each with an optional
+            ``"point"`` (sweep point name).
+        variants: the variants in table order; the reference is
+            :func:`~gradcent.experiments.variants.reference_variant`.
+
+    Returns:
+        Rows with point, variant, n, seeds, metric, metric mean/std/diff/p,
+        train_loss mean/std/diff/p, s_per_epoch, gc_share.
+
+    References:
+        Yong et al., ECCV 2020, Tables 1-9; Welch, Biometrika 1947.
+
+    """
+    metric = primary_metric(results)
+    ref_name = reference_variant(variants)
+    groups = _groups(results)
+    points = list(dict.fromkeys(r.get("point", "") for r in results))
+    rows = []
+    for point in points:
+        ref = groups.get((point, ref_name), [])
+        for variant in variants:
+            runs = groups.get((point, variant), [])
+            if not runs:
+                continue
+            is_ref = variant == ref_name
+            row: dict[str, Any] = {"point": point, "variant": variant, "n": len(runs),
+                                   "seeds": [r["seed"] for r in runs], "metric": metric,
+                                   "reference": ref_name}
+            for key in (metric, "train_loss"):
+                c = compare([r["final"].get(key, math.nan) for r in runs],
+                            [r["final"].get(key, math.nan) for r in ref], is_ref)
+                row[key] = {"mean": c.summary.mean, "std": c.summary.std, "diff": c.diff,
+                            "p": c.p}
+            epoch_times = [r["epoch_time"] for r in runs]
+            gc_times = [r["gc_time"] for r in runs]
+            row["s_per_epoch"] = sum(epoch_times) / len(runs)
+            row["gc_share"] = 100.0 * sum(gc_times) / sum(epoch_times) if sum(epoch_times) else \
+                math.nan
+            rows.append(row)
+    return rows
+
+
+def _fmt(d: dict[str, float], n: int, digits: int) -> str:
+    return format_pm(Summary(n, d["mean"], d["std"]), digits)
+
+
+def _diff(d: dict[str, float], digits: int) -> str:
+    return "-" if math.isnan(d["diff"]) else f"{d['diff']:+.{digits}f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], paper: PaperLookup | None = None,
+                 paper_table: str | None = None) -> str:
+    """The report as an aligned text table.
+
+    Args:
+        rows: from :func:`summary_rows`.
+        paper: ``paper.paper_numbers``-like lookup ``(table, key) -> {variant:
+            "mean ± std"}``; a "paper" column is added when it finds numbers.
+        paper_table: the preset's paper table.
+
+    Returns:
+        The table, one line per row, with a header.
+
+    References:
+        Yong et al., ECCV 2020, Tables 1-9.
+
+    """
+    if not rows:
+        return "(no finished runs)"
+    metric = rows[0]["metric"]
+    name = {"test_acc": "test acc %", "test_ap": "test AP", "test_loss": "test loss"}[metric]
+    header = ["point", "variant", "n", name, "diff", "p", "train loss", "diff", "p",
+              "s/epoch", "GC %"]
+    lines = []
+    paper_col = []
+    for row in rows:
+        m, t = row[metric], row["train_loss"]
+        lines.append([row["point"] or "-", row["variant"], str(row["n"]), _fmt(m, row["n"], 2),
+                      _diff(m, 2), format_p(m["p"]), _fmt(t, row["n"], 4), _diff(t, 4),
+                      format_p(t["p"]), f"{row['s_per_epoch']:.2f}",
+                      "-" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}"])
+        paper_col.append(_paper_value(paper, paper_table, row))
+    if any(paper_col):
+        header.append(f"paper ({paper_table})")
+        for line, value in zip(lines, paper_col, strict=True):
+            line.append(value or "-")
+    if all(line[0] == "-" for line in lines):  # no sweep: drop the point column
+        header, lines = header[1:], [line[1:] for line in lines]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+    ref = rows[0]["reference"]
+    out.append(f"diff: variant mean - {ref} mean; p: two-sided Welch t-test vs {ref}; "
+               "± is the sample std (ddof=1) over seeds")
+    return "\n".join(out)
+
+
+def _paper_value(paper: PaperLookup | None, table: str | None, row: dict[str, Any]) -> str:
+    """The paper's number for this row's variant, trying the sweep point as key."""
+    if paper is None or table is None:
+        return ""
+    for key in (row["point"], row["variant"]):
+        if not key:
+            continue
+        try:
+            numbers = paper(table, key)
+        except (KeyError, ValueError):
+            numbers = None
+        if numbers and row["variant"] in numbers:
+            return str(numbers[row["variant"]])
+    return ""
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, python, platform and devices, for results.json."""
+    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                           "cpu_count": os.cpu_count()}
+    for lib in ("torch", "numpy", "scipy", "torchvision", "scikit-learn", "matplotlib",
+                "gradcent"):
+        try:
+            env[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            env[lib] = None
+    import torch
+
+    env["torch_threads"] = torch.get_num_threads()
+    env["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return env
+
+
+def git_commit(path: str | Path | None = None) -> dict[str, Any] | None:
+    """The git commit of the source tree (and whether it had local changes), if any."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": sha, "dirty": bool(dirty)}
+
+
+CSV_FIELDS = ("point", "variant", "seed", "test_acc", "test_loss", "test_ap", "train_loss",
+              "train_acc", "epochs", "epoch_time", "gc_time", "gc_share")
+
+
+def write_results(out: str | Path, cfg: RunConfig, results: Sequence[dict[str, Any]],
+                  rows: Sequence[dict[str, Any]], plots: Sequence[str | Path] = ()
+                  ) -> tuple[Path, Path]:
+    """Write ``results.json`` (everything) and ``results.csv`` (one row per run).
+
+    Returns:
+        The two paths.
+
+    References:
+        Yong et al., ECCV 2020, §5 (what a result needs to be reproduced).
+
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"config": cfg.to_dict(), "seeds": list(cfg.seeds), "environment": environment(),
+           "git": git_commit(), "summary": list(rows), "plots": [str(p) for p in plots],
+           "runs": list(results)}
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    csv_path = out / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in results:
+            w.writerow({"point": r.get("point", ""), "variant": r["variant"], "seed": r["seed"],
+                        **{k: r["final"].get(k, "") for k in
+                           ("test_acc", "test_loss", "test_ap", "train_loss", "train_acc")},
+                        "epochs": r["epochs"], "epoch_time": r["epoch_time"],
+                        "gc_time": r["gc_time"], "gc_share": r["gc_share"]})
+    return json_path, csv_path

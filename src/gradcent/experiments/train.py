@@ -1,0 +1,540 @@
+"""One training run: seeded, deterministic on CPU, checkpointed every epoch, resumable.
+
+:func:`train_run` is the whole loop in one readable function; the per-step work
+is :func:`train_step` so that a distributed wrapper (DistributedSampler,
+DDP / FSDP) changes only :func:`make_loader` and the model it is given.
+
+Reproducibility: the model is built right after seeding torch, numpy and
+python's ``random``; each epoch's shuffle comes from its own generator seeded by
+``(seed, epoch)``; every checkpoint holds the model, optimizer, scheduler, the
+RNG states and the history, so a resumed run continues bit for bit.
+
+References:
+    Yong et al., ECCV 2020, §5 (training protocols), Fig. 5 (curves per epoch).
+
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from gradcent.experiments.config import RunConfig
+from gradcent.experiments.variants import (
+    Variant,
+    build_optimizer,
+    build_scheduler,
+    get_variant,
+    model_options,
+)
+from gradcent.optim._engine import Centralizer
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+# Options that do not change the numbers a run produces (may differ on resume).
+_NON_NUMERIC = ("quiet", "workers", "variants", "seeds", "sweep", "preset", "paper_table")
+
+Log = Callable[[str], None]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` means CUDA when available, else CPU.
+
+    Raises:
+        ValueError: ``"cuda"`` asked for but not available.
+
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("Invalid device: 'cuda' (torch reports no CUDA device; use cpu or auto)")
+    return torch.device(name)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # A fixed function of (seed, epoch): a resumed run reshuffles identically
+    # without storing the loader's generator.
+    return (seed * 1_000_003 + epoch * 7_919) % 2**63
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader seeds torch in each worker from its generator; numpy and random
+    # follow, so augmentations that use them are reproducible too.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    workers: int = 0,
+    collate_fn: Any = None,
+) -> DataLoader:
+    """A DataLoader whose order depends only on ``(seed, epoch)``.
+
+    Args:
+        dataset: the data.
+        batch_size: mini-batch size.
+        shuffle: reshuffle (training) or keep the order (evaluation).
+        seed: the run's seed; with ``epoch`` it fixes the shuffle.
+        epoch: the epoch (0-based).
+        workers: worker processes.
+        collate_fn: batch collation (detection batches are lists).
+
+    Returns:
+        The loader.
+
+    """
+    g = torch.Generator()
+    g.manual_seed(_epoch_seed(seed, epoch))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=workers,
+        worker_init_fn=_seed_worker if workers else None,
+        collate_fn=collate_fn,
+    )
+
+
+class GCTimer:
+    """Measures the seconds spent inside GC during optimizer steps.
+
+    Method: the optimizer's :class:`~gradcent.optim._engine.Centralizer` is the
+    only code GC adds to a step (``before`` centralizes the gradients and folds
+    coupled decay; ``after`` projects updates for ``where="update"``). This
+    timer shadows both methods on that one instance with timed wrappers, so the
+    measured time is exactly GC's own work, with no second "GC-free" step to
+    subtract and no estimate. On CUDA the device is synchronised around each
+    call so that asynchronous kernels are charged to GC. For a baseline the
+    Centralizer only loops over the param groups, which the timer reports too
+    (close to zero): that is the honest cost of having GC switched off.
+
+    Args:
+        centralizer: the Centralizer of the optimizer.
+        device: the training device.
+
+    References:
+        Yong et al., ECCV 2020, §3.3 (GC's computational cost).
+
+    """
+
+    def __init__(self, centralizer: Centralizer, device: torch.device) -> None:
+        self.seconds = 0.0
+        self._sync = device.type == "cuda"
+        for name in ("before", "after"):
+            setattr(centralizer, name, self._timed(getattr(centralizer, name)))
+
+    def _timed(self, fn: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self._sync:
+                    torch.cuda.synchronize()
+                self.seconds += time.perf_counter() - t0
+
+        return wrapper
+
+    def lap(self) -> float:
+        """Seconds since the last lap (GC time of one epoch)."""
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    """Move tensors (possibly nested in lists, tuples, dicts) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [_to(v, device) for v in batch]
+        return moved if isinstance(batch, list) else tuple(moved)
+    return batch
+
+
+def train_step(
+    model: nn.Module,
+    batch: Any,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    task: str = "classification",
+) -> tuple[float, int, int]:
+    """One optimizer step on one mini-batch.
+
+    Args:
+        model: the model, in train mode.
+        batch: ``(inputs, targets)`` from the loader.
+        optimizer: the optimizer (GC happens inside its ``step``).
+        device: where to compute.
+        task: ``"classification"`` (cross-entropy) or ``"detection"`` (the sum
+            of the model's loss dict, as torchvision's detection references).
+
+    Returns:
+        (summed loss over the batch, correct predictions, batch size); detection
+        has no accuracy and returns 0 correct.
+
+    """
+    inputs, targets = _to(batch[0], device), _to(batch[1], device)
+    optimizer.zero_grad(set_to_none=True)
+    if task == "detection":
+        loss = sum(model(list(inputs), list(targets)).values())
+        correct, n = 0, len(inputs)
+    else:
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits, targets)
+        correct, n = int((logits.argmax(1) == targets).sum()), targets.numel()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()) * n, correct, n
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    task: str = "classification",
+) -> tuple[float, float]:
+    """Train for one pass over ``loader``.
+
+    Returns:
+        (mean training loss, training accuracy in %; NaN for detection).
+
+    """
+    model.train()
+    total, correct, n = 0.0, 0, 0
+    for batch in loader:
+        loss_sum, c, k = train_step(model, batch, optimizer, device, task)
+        total, correct, n = total + loss_sum, correct + c, n + k
+    if not math.isfinite(total):
+        raise FloatingPointError(f"Training loss is {total} (diverged); lower the learning rate")
+    acc = 100.0 * correct / n if task != "detection" else math.nan
+    return total / n, acc
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, task: str = "classification"
+) -> dict[str, float]:
+    """Test loss and accuracy (classification) or loss and bbox AP (detection).
+
+    Returns:
+        ``{"test_loss": ..., "test_acc": ...}``; detection adds ``"test_ap"``
+        (NaN unless pycocotools is installed and the data is real COCO).
+
+    """
+    if task == "detection":
+        return _evaluate_detection(model, loader, device)
+    model.eval()
+    total, correct, n = 0.0, 0, 0
+    for batch in loader:
+        inputs, targets = _to(batch[0], device), _to(batch[1], device)
+        logits = model(inputs)
+        total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(1) == targets).sum())
+        n += targets.numel()
+    return {"test_loss": total / n, "test_acc": 100.0 * correct / n}
+
+
+def _coco_api(dataset: Dataset) -> Any:
+    """The pycocotools COCO object behind a (possibly Subset-wrapped) dataset."""
+    while dataset is not None:
+        coco = getattr(dataset, "coco", None)
+        if coco is not None and hasattr(coco, "loadRes"):
+            return coco
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+def _evaluate_detection(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
+    """Mean validation loss (train-mode forward, norms frozen) and COCO bbox AP."""
+    # torchvision detectors return losses only in train mode; freeze BN so the
+    # evaluation does not change the running statistics.
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    total, n = 0.0, 0
+    for images, targets in loader:
+        images, targets = _to(list(images), device), _to(list(targets), device)
+        total += float(sum(model(images, targets).values())) * len(images)
+        n += len(images)
+    out = {"test_loss": total / n, "test_acc": math.nan, "test_ap": _coco_ap(model, loader, device)}
+    model.train()
+    return out
+
+
+def _coco_ap(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Bbox AP@[.5:.95] with pycocotools' COCOeval; NaN without pycocotools or COCO."""
+    coco = _coco_api(loader.dataset)
+    try:
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        return math.nan
+    if coco is None:
+        return math.nan
+    model.eval()
+    dets, ids = [], []
+    for images, targets in loader:
+        outputs = model(_to(list(images), device))
+        for out, tgt in zip(outputs, targets, strict=True):
+            image_id = int(tgt["image_id"])
+            ids.append(image_id)
+            boxes = out["boxes"].cpu()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+            for box, score, label in zip(xywh, out["scores"].tolist(), out["labels"].tolist(),
+                                         strict=True):
+                dets.append({"image_id": image_id, "category_id": int(label), "bbox": box,
+                             "score": float(score)})
+    if not dets:
+        return 0.0
+    with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - COCOeval prints
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.params.imgIds = sorted(set(ids))
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0]) * 100.0
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write text atomically (temporary file + ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def numeric_config(cfg: RunConfig) -> dict[str, Any]:
+    """The options that change a run's numbers (a checkpoint must match them)."""
+    d = cfg.to_dict()
+    for k in _NON_NUMERIC:
+        d.pop(k, None)
+    return d
+
+
+def load_result(run_dir: str | Path) -> dict[str, Any] | None:
+    """The finished run's result, or None when the run has not finished."""
+    path = Path(run_dir) / RESULT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch.device):
+    """Model, optimizer, scheduler and GC timer of a fresh run (seeded first)."""
+    from gradcent.experiments.models import build_model
+
+    seed_everything(seed)
+    model = build_model(cfg.model, data.num_classes, in_channels=data.in_channels,
+                        pretrained=cfg.pretrained, **model_options(cfg, variant)).to(device)
+    params = None
+    if cfg.pretrained is not None:
+        from gradcent.experiments.models import param_groups_for_finetune
+
+        lr_pre = cfg.lr_pretrained if cfg.lr_pretrained is not None else cfg.lr / 10
+        params = param_groups_for_finetune(model, cfg.lr, lr_pre)
+    optimizer, centralizer = build_optimizer(cfg, variant, model, params)
+    scheduler = build_scheduler(cfg, optimizer)
+    return model, optimizer, scheduler, GCTimer(centralizer, device)
+
+
+@contextlib.contextmanager
+def reproducible(enabled: bool, threads: int = 0):
+    """Deterministic algorithms and a fixed CPU thread count, restored afterwards.
+
+    Args:
+        enabled: turn on ``torch.use_deterministic_algorithms`` (warn-only).
+        threads: torch CPU threads inside the block (0: leave as is).
+
+    References:
+        PyTorch notes on reproducibility (``use_deterministic_algorithms``).
+
+    """
+    prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled())
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    if enabled:
+        # cuBLAS needs this workspace setting to be deterministic (set before use).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: ops without a deterministic kernel (some CUDA ones) warn
+        # instead of failing; on CPU every op used here is deterministic.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.set_num_threads(prev_threads)
+
+
+def train_run(
+    cfg: RunConfig,
+    variant: str,
+    seed: int,
+    run_dir: str | Path,
+    *,
+    data: Any = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    log: Log | None = print,
+) -> dict[str, Any]:
+    """Train one variant with one seed; checkpoint after every epoch.
+
+    Args:
+        cfg: the resolved config (``epochs``, optimizer, data, model, ...).
+        variant: a name from ``variants.VARIANTS``.
+        seed: the run's seed.
+        run_dir: where ``config.json``, ``checkpoint.pt`` and ``result.json`` go.
+        data: a ``datasets.DataSpec`` (built from ``cfg`` when None; pass it to
+            share one dataset between the runs of a comparison).
+        resume: continue from ``run_dir/checkpoint.pt`` when it exists (a
+            finished run is returned as is). The checkpoint's config must match.
+        stop_after: stop after this many epochs in total (simulates an
+            interruption; the result is then marked unfinished and not saved).
+        log: called with one line per epoch; None for silence.
+
+    Returns:
+        The result: variant, seed, per-epoch history (train_loss, train_acc,
+        test_loss, test_acc, lr, epoch_time, gc_time), final metrics, mean
+        seconds per epoch, GC share of the epoch time, and the config.
+
+    Raises:
+        ValueError: a checkpoint from a different config, or bad options.
+
+    References:
+        Yong et al., ECCV 2020, §5 and Fig. 5.
+
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    v = get_variant(variant)
+    if resume and (done := load_result(run_dir)) is not None:
+        return done
+    device = resolve_device(cfg.device)
+    if data is None:
+        from gradcent.experiments.datasets import build_dataset
+
+        data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0)
+    task = getattr(data, "task", "classification")
+    collate = getattr(data, "collate_fn", None)
+    cfg.save(run_dir / "config.json")
+    with reproducible(cfg.deterministic, cfg.threads):
+        model, optimizer, scheduler, timer = _build(cfg, v, seed, data, device)
+        history: list[dict[str, float]] = []
+        start = 0
+        ckpt_path = run_dir / CHECKPOINT
+        if resume and ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            if ckpt["config"] != numeric_config(cfg) or ckpt["variant"] != variant or \
+                    ckpt["seed"] != seed:
+                raise ValueError(f"Checkpoint {ckpt_path} is from a different run (config, "
+                                 "variant or seed differ); remove it or use another --out")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            history, start = ckpt["history"], ckpt["epoch"]
+        test_loader = make_loader(data.test, cfg.batch_size, shuffle=False,
+                                  workers=cfg.workers, collate_fn=collate)
+        last = cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)
+        for epoch in range(start, last):
+            loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=seed,
+                                 epoch=epoch, workers=cfg.workers, collate_fn=collate)
+            lr = optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            train_loss, train_acc = train_epoch(model, loader, optimizer, device, task)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_time = time.perf_counter() - t0
+            scheduler.step()
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                   **evaluate(model, test_loader, device, task),
+                   "epoch_time": epoch_time, "gc_time": timer.lap()}
+            history.append(row)
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                         "epoch": epoch + 1, "history": history, "variant": variant,
+                         "seed": seed, "config": numeric_config(cfg)}, ckpt_path)
+            if log is not None:
+                log(f"[{variant} seed={seed}] epoch {epoch + 1}/{cfg.epochs} "
+                    f"train_loss={train_loss:.4f} test_loss={row['test_loss']:.4f} "
+                    f"test_acc={row['test_acc']:.2f} ({epoch_time:.2f}s, "
+                    f"GC {row['gc_time']:.3f}s)")
+    result = summarize_run(cfg, variant, seed, history)
+    if result["finished"]:
+        atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT)
+    return result
+
+
+def summarize_run(
+    cfg: RunConfig, variant: str, seed: int, history: list[dict[str, float]]
+) -> dict[str, Any]:
+    """The result record of one run from its per-epoch history."""
+    final = history[-1] if history else {}
+    epoch_time = float(np.mean([h["epoch_time"] for h in history])) if history else math.nan
+    gc_time = float(np.mean([h["gc_time"] for h in history])) if history else math.nan
+    return {
+        "variant": variant,
+        "seed": seed,
+        "finished": len(history) == cfg.epochs,
+        "epochs": len(history),
+        "final": {k: final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
+                                        "test_ap") if k in final},
+        "epoch_time": epoch_time,
+        "gc_time": gc_time,
+        "gc_share": 100.0 * gc_time / epoch_time if history and epoch_time > 0 else math.nan,
+        "history": history,
+        "config": cfg.to_dict(),
+    }
