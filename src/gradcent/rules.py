@@ -129,10 +129,12 @@ def _module_specs(module: nn.Module, embeddings: bool) -> dict[str, Spec | None]
         if w is None or not embeddings:
             return {"weight": None} if w is not None else {}
         return {"weight": Spec("fc", (1,), 1, layer)}
-    return {
-        name: _DEFERRED if isinstance(p, nn.parameter.UninitializedParameter) else fallback_spec(p)
-        for name, p in own.items()
-    }
+    return {name: _bare_spec(p) for name, p in own.items()}
+
+
+def _bare_spec(p: Tensor) -> Spec | None:
+    """:func:`fallback_spec`, deferred to the first step for a lazy parameter."""
+    return _DEFERRED if isinstance(p, nn.parameter.UninitializedParameter) else fallback_spec(p)
 
 
 def _matcher(selector: Selector) -> Callable[[str, Tensor], bool]:
@@ -283,5 +285,6 @@ def plan(
             "pass the model the optimizer trains, or model=None for bare-tensor rules"
         )
     for i, p in enumerate(params):
-        specs.setdefault(id(p), (f"params[{i}]", p, fallback_spec(p)))
+        if id(p) not in specs:
+            specs[id(p)] = (f"params[{i}]", p, _bare_spec(p))
     return Plan(specs, mode, include, exclude)
