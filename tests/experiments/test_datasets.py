@@ -8,7 +8,11 @@ def test_digits_split_shapes_and_normalization():
     spec = build_dataset("digits")
     assert isinstance(spec, DataSpec)
     assert (spec.num_classes, spec.in_channels, spec.image_size, spec.task) == (
-        10, 1, 8, "classification")
+        10,
+        1,
+        8,
+        "classification",
+    )
     assert len(spec.train) == 1437 and len(spec.test) == 360
     x, y = spec.train.tensors
     assert x.shape == (1437, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.long

@@ -63,9 +63,7 @@ def _digits(data: str | None) -> DataSpec:
     x, y = load_digits(return_X_y=True)
     # The split is fixed (random_state=0), independent of the run seed, so that
     # every seed of a comparison is evaluated on the same test images.
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=0
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     x_tr, x_te = x_tr / 16.0, x_te / 16.0  # pixel values are 0..16
     # Normalize with training-set statistics only (no test leakage).
     mean, std = float(x_tr.mean()), float(x_tr.std())

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
+import torchvision
 from torch import nn
+
+from gradcent.experiments.ws import convert_to_ws
 
 NORMS = ("bn", "gn", "none")
 NormFactory = Callable[[int], nn.Module]
@@ -84,7 +89,270 @@ def small_cnn(num_classes: int, in_channels: int = 1, norm: str = "bn") -> nn.Mo
     )
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"smallcnn": small_cnn}
+def _swap_norm(model: nn.Module, norm: str) -> nn.Module:
+    """Replace every BatchNorm2d (in place) for models that hard-code BN."""
+    if norm == "bn":
+        return model
+    make_norm = norm_layer(norm)
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, make_norm(child.num_features))
+        else:
+            _swap_norm(child, norm)
+    return model
+
+
+def _stem(in_channels: int, out_channels: int, kernel: int, stride: int) -> nn.Conv2d:
+    """A first conv, Kaiming-initialized like torchvision's ResNet convs."""
+    conv = nn.Conv2d(
+        in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False
+    )
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
+    """ResNet-18/50/101 for 32x32 inputs: 3x3 stride-1 stem, no max pool.
+
+    torchvision's ResNet with the CIFAR stem is block-for-block the CIFAR ResNet
+    of the paper's code base (kuangliu/pytorch-cifar style), so we reuse it.
+
+    Args:
+        depth: 18, 50 or 101.
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+
+    Returns:
+        The network; its classifier is ``fc``.
+
+    References:
+        He et al., CVPR 2016; Yong et al., ECCV 2020, §5.3 (Table 1-4).
+
+    """
+    builders = {
+        18: torchvision.models.resnet18,
+        50: torchvision.models.resnet50,
+        101: torchvision.models.resnet101,
+    }
+    model = builders[depth](weights=None, num_classes=num_classes, norm_layer=norm_layer(norm))
+    model.conv1 = _stem(in_channels, 64, 3, 1)
+    model.maxpool = nn.Identity()  # 32x32 inputs cannot afford a 4x downsampling stem
+    return model
+
+
+class _ResNeXtBlock(nn.Module):
+    """Grouped bottleneck of CIFAR ResNeXt: 1x1, grouped 3x3, 1x1 (x2 width)."""
+
+    expansion = 2
+
+    def __init__(
+        self, in_planes: int, cardinality: int, width: int, stride: int, make_norm: NormFactory
+    ) -> None:
+        super().__init__()
+        group_width = cardinality * width
+        out = self.expansion * group_width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_planes, group_width, 1, bias=False),
+            make_norm(group_width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(
+                group_width,
+                group_width,
+                3,
+                stride=stride,
+                padding=1,
+                groups=cardinality,
+                bias=False,
+            ),
+            make_norm(group_width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(group_width, out, 1, bias=False),
+            make_norm(out),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out, 1, stride=stride, bias=False), make_norm(out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnext29(
+    num_classes: int, in_channels: int = 3, norm: str = "bn", cardinality: int = 4, width: int = 64
+) -> nn.Module:
+    """ResNeXt-29 (3 stages x 3 blocks) for CIFAR, default 4x64d as in Table 1.
+
+    Follows the paper's released CIFAR code (kuangliu/pytorch-cifar layout):
+    1x1 stem to 64 channels, block output 2x the group width, the bottleneck
+    width doubling per stage, global average pool, linear.
+
+    Args:
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+        cardinality: groups of the 3x3 convs.
+        width: bottleneck width per group in the first stage.
+
+    Returns:
+        The network; its classifier is ``fc``.
+
+    References:
+        Xie et al., CVPR 2017; Yong et al., ECCV 2020, §5.3 (Table 1, X29).
+
+    """
+    make_norm = norm_layer(norm)
+    layers: list[nn.Module] = [_stem(in_channels, 64, 1, 1), make_norm(64), nn.ReLU(inplace=True)]
+    in_planes = 64
+    for stage in range(3):
+        for block in range(3):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(_ResNeXtBlock(in_planes, cardinality, width, stride, make_norm))
+            in_planes = _ResNeXtBlock.expansion * cardinality * width
+        width *= 2
+    model = nn.Sequential()
+    model.features = nn.Sequential(*layers)
+    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.fc = nn.Linear(in_planes, num_classes)
+    return model
+
+
+_VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def vgg11(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
+    """VGG-11 with BN for CIFAR: the 8 conv layers, then one linear classifier.
+
+    Args:
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+
+    Returns:
+        The network; its classifier is ``classifier``.
+
+    References:
+        Simonyan & Zisserman, ICLR 2015; Yong et al., ECCV 2020, §5.3 (V11).
+
+    """
+    make_norm = norm_layer(norm)
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for v in _VGG11:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(channels, v, 3, padding=1), make_norm(v), nn.ReLU(inplace=True)]
+            channels = v
+    model = nn.Sequential()
+    model.features = nn.Sequential(*layers)
+    # Adaptive so inputs smaller than 32x32 work; on 32x32 the map is already 1x1.
+    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.classifier = nn.Linear(512, num_classes)
+    return model
+
+
+def densenet121(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
+    """DenseNet-121 (growth 32, blocks 6-12-24-16) with a CIFAR 3x3 stem, no pool.
+
+    Args:
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+
+    Returns:
+        The network; its classifier is ``classifier``.
+
+    References:
+        Huang et al., CVPR 2017; Yong et al., ECCV 2020, §5.3 (D121).
+
+    """
+    model = torchvision.models.densenet121(weights=None, num_classes=num_classes)
+    model.features.conv0 = _stem(in_channels, 64, 3, 1)
+    model.features.pool0 = nn.Identity()
+    return _swap_norm(model, norm)
+
+
+def tv_resnet(depth: int, num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
+    """Torchvision's ImageNet ResNet-50/101 (7x7 stem, max pool), BN or GN(32).
+
+    Args:
+        depth: 50 or 101.
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+
+    Returns:
+        The network; its classifier is ``fc``.
+
+    References:
+        He et al., CVPR 2016; Wu & He, ECCV 2018 (GN); Yong et al., ECCV 2020,
+        §5.4 (Table 5) and §5.5 (Table 7).
+
+    """
+    build = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth]
+    model = build(weights=None, num_classes=num_classes, norm_layer=norm_layer(norm))
+    if in_channels != 3:
+        model.conv1 = _stem(in_channels, 64, 7, 2)
+    return model
+
+
+def detector(
+    kind: str,
+    num_classes: int,
+    in_channels: int = 3,
+    norm: str = "bn",
+    image_size: int | None = None,
+) -> nn.Module:
+    """Torchvision Faster / Mask R-CNN with a ResNet-50 FPN backbone, untrained.
+
+    Args:
+        kind: ``"faster"`` or ``"mask"``.
+        num_classes: object classes including background (COCO: 91).
+        in_channels: must be 3 (the detection transform normalizes RGB).
+        norm: ``"bn"``, ``"gn"`` or ``"none"``; replaces the backbone's BN.
+        image_size: the transform's ``min_size`` (default 800, torchvision's);
+            small values make tests and smoke runs fast.
+
+    Returns:
+        The detector; train mode takes ``(images, targets)`` and returns losses.
+
+    References:
+        Ren et al., NeurIPS 2015; He et al., ICCV 2017; Lin et al., CVPR 2017
+        (FPN); Yong et al., ECCV 2020, §5.6 (Table 8, 9).
+
+    """
+    if in_channels != 3:
+        raise ValueError(f"Invalid in_channels for detection: {in_channels} (must be 3)")
+    from torchvision.models import detection
+
+    build = {"faster": detection.fasterrcnn_resnet50_fpn, "mask": detection.maskrcnn_resnet50_fpn}[
+        kind
+    ]
+    sizes = {}
+    if image_size is not None:
+        # Keep torchvision's 800:1333 aspect limit at the requested scale.
+        sizes = {"min_size": image_size, "max_size": math.ceil(image_size * 1333 / 800)}
+    model = build(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
+    return _swap_norm(model, norm)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "smallcnn": small_cnn,
+    "resnet18": lambda **kw: cifar_resnet(18, **kw),
+    "resnet50": lambda **kw: cifar_resnet(50, **kw),
+    "resnet101": lambda **kw: cifar_resnet(101, **kw),
+    "resnext29_4x64d": resnext29,
+    "vgg11": vgg11,
+    "densenet121": densenet121,
+    "tv_resnet50": lambda **kw: tv_resnet(50, **kw),
+    "tv_resnet101": lambda **kw: tv_resnet(101, **kw),
+    "fasterrcnn_resnet50_fpn": lambda **kw: detector("faster", **kw),
+    "maskrcnn_resnet50_fpn": lambda **kw: detector("mask", **kw),
+}
+DETECTION_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")
 
 
 def model_names() -> list[str]:
@@ -97,6 +365,124 @@ def model_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The qualified name of the model's final classifier (the "new FC layer").
+
+    ``fc`` or ``classifier`` when it is a Linear (or ends in one), the box
+    predictor of a torchvision detector, else the last Linear in the model.
+
+    Args:
+        model: a network.
+
+    Returns:
+        A name usable with ``model.get_submodule``.
+
+    Raises:
+        ValueError: the model has no Linear layer.
+
+    References:
+        Yong et al., ECCV 2020, §5.5 (new FC layer vs pre-trained layers).
+
+    """
+    roi_heads = getattr(model, "roi_heads", None)
+    if roi_heads is not None and hasattr(roi_heads, "box_predictor"):
+        return "roi_heads.box_predictor"
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    for attr in ("fc", "classifier", "linear", "head"):
+        if isinstance(getattr(model, attr, None), nn.Linear):
+            return attr
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier layer")
+    return last
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Modules whose shape depends on the number of classes."""
+    heads = [classifier_name(model)]
+    # Mask R-CNN's per-class mask logits are class-dependent too.
+    if isinstance(getattr(getattr(model, "roi_heads", None), "mask_predictor", None), nn.Module):
+        heads.append("roi_heads.mask_predictor.mask_fcn_logits")
+    return tuple(h + "." for h in heads)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a checkpoint file (bare, ``{"model": ...}`` or ``{"state_dict": ...}``)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Pretrained checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state_dict")
+    # DataParallel / DDP checkpoints prefix every key with "module.".
+    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+
+
+def load_pretrained(model: nn.Module, path: str) -> nn.Module:
+    """Load a checkpoint into ``model``, keeping a fresh classifier if its shape differs.
+
+    Args:
+        model: the freshly built model (its classifier is freshly initialized).
+        path: a ``torch.save``-d state_dict, or a dict with ``"model"`` or
+            ``"state_dict"`` holding one.
+
+    Returns:
+        The model, loaded in place (``strict=False``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a non-classifier tensor has the wrong shape, or nothing matches.
+
+    References:
+        Yong et al., ECCV 2020, §5.5 (fine-tuning pre-trained ResNet-50).
+
+    """
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    heads = _head_prefixes(model)
+    keep = {}
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            if key.startswith(heads):
+                continue  # a new classifier for a new label set: keep its fresh init
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(own[key].shape)}"
+            )
+        keep[key] = value
+    if not set(keep) & set(own):
+        raise ValueError(f"{path}: no tensor matches a parameter of {type(model).__name__}")
+    model.load_state_dict(keep, strict=False)
+    return model
+
+
+def param_groups_for_finetune(model: nn.Module, lr_new: float, lr_pretrained: float) -> list[dict]:
+    """Two parameter groups: the new classifier at ``lr_new``, the rest at ``lr_pretrained``.
+
+    Args:
+        model: the model being fine-tuned.
+        lr_new: learning rate of the new FC layer (paper: 0.1).
+        lr_pretrained: learning rate of every pre-trained layer (paper: 0.01).
+
+    Returns:
+        ``[{"params": new, "lr": lr_new}, {"params": rest, "lr": lr_pretrained}]``.
+
+    References:
+        Yong et al., ECCV 2020, §5.5.
+
+    """
+    heads = _head_prefixes(model)
+    new, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (new if name.startswith(heads) else rest).append(p)
+    return [{"params": new, "lr": lr_new}, {"params": rest, "lr": lr_pretrained}]
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -104,6 +490,7 @@ def build_model(
     norm: str = "bn",
     ws: bool = False,
     pretrained: str | None = None,
+    image_size: int | None = None,
 ) -> nn.Module:
     """Build a model by name.
 
@@ -111,9 +498,11 @@ def build_model(
         name: one of :func:`model_names`.
         num_classes: classifier outputs (detection: including background).
         in_channels: input image channels.
-        norm: ``"bn"``, ``"gn"`` or ``"none"``.
-        ws: replace every Conv2d by a weight-standardized conv.
-        pretrained: path of a checkpoint to load (classifier may differ in size).
+        norm: ``"bn"``, ``"gn"`` (GroupNorm(32)) or ``"none"``.
+        ws: replace every Conv2d by a weight-standardized :class:`WSConv2d`.
+        pretrained: path of a checkpoint to load; a classifier of another size
+            is left freshly initialized (see :func:`load_pretrained`).
+        image_size: detection models only: the transform's resize target.
 
     Returns:
         The model.
@@ -128,5 +517,10 @@ def build_model(
     if name not in _BUILDERS:
         raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(model_names())}")
     norm_layer(norm)  # validate early, naming the bad value
-    model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, norm=norm)
+    kwargs = {"image_size": image_size} if name in DETECTION_MODELS else {}
+    model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, norm=norm, **kwargs)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    if ws:
+        convert_to_ws(model)  # same state_dict keys, so loading before or after is equal
     return model
