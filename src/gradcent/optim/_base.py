@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradcent.optim._engine import Centralizer
+from gradcent.optim._fused import check_fused_options, check_impl, fused_step
 from gradcent.rules import Selector, check_mode, plan
 
 
@@ -87,6 +88,12 @@ class GCMixin:
         self._gc.discard_pending()
         super().zero_grad(set_to_none)
 
+    def _init_impl(self, impl: str) -> None:
+        """Validate ``impl=`` ("default": GC pass + torch's step; "fused": compiled)."""
+        self.impl = check_impl(impl)
+        if self.impl == "fused":
+            check_fused_options(self)
+
     def _pre_update(self) -> None:
         """Hook for subclasses: runs after GC, before the parent's update."""
 
@@ -106,6 +113,9 @@ class GCMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "impl", "default") == "fused":
+            fused_step(self)
+            return loss
         self._gc.before(self)
         try:
             self._pre_update()

@@ -27,6 +27,8 @@ class Adam(GCMixin, torch.optim.Adam):
         gc: ``"all"`` (default), ``"conv"``, ``"fc"`` or None (plain torch Adam).
         model: the model, for per-layer output axes.
         include, exclude: name patterns or callables overriding the plan.
+        impl: ``"default"`` (GC pass, then torch's step) or ``"fused"`` (GC and
+            update in one compiled kernel, see :mod:`gradcent.optim._fused`).
         **kwargs: torch's keyword-only options (``foreach``, ``maximize``,
             ``capturable``, ``differentiable``, ``fused``, ...), passed through.
 
@@ -50,10 +52,12 @@ class Adam(GCMixin, torch.optim.Adam):
         model: nn.Module | None = None,
         include: Selector = None,
         exclude: Selector = None,
+        impl: str = "default",
         **kwargs: Any,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
         self._init_gc(gc, model, include, exclude)
+        self._init_impl(impl)
 
 
 class AdamW(GCMixin, torch.optim.AdamW):
@@ -82,7 +86,9 @@ class AdamW(GCMixin, torch.optim.AdamW):
         model: nn.Module | None = None,
         include: Selector = None,
         exclude: Selector = None,
+        impl: str = "default",
         **kwargs: Any,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)
         self._init_gc(gc, model, include, exclude)
+        self._init_impl(impl)

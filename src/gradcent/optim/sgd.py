@@ -32,6 +32,8 @@ class SGD(GCMixin, torch.optim.SGD):
         model: the model, for per-layer output axes (ConvTranspose); without it
             bare-tensor rules apply.
         include, exclude: name patterns or callables overriding the plan.
+        impl: ``"default"`` (GC pass, then torch's step) or ``"fused"`` (GC and
+            update in one compiled kernel, see :mod:`gradcent.optim._fused`).
 
     References:
         Yong et al., ECCV 2020, Algorithm 1 and §3.4.
@@ -57,6 +59,7 @@ class SGD(GCMixin, torch.optim.SGD):
         model: nn.Module | None = None,
         include: Selector = None,
         exclude: Selector = None,
+        impl: str = "default",
     ) -> None:
         super().__init__(
             params,
@@ -71,6 +74,7 @@ class SGD(GCMixin, torch.optim.SGD):
             fused=fused,
         )
         self._init_gc(gc, model, include, exclude)
+        self._init_impl(impl)
 
 
 class SGDW(SGD):

@@ -1,0 +1,404 @@
+"""The fused step: GC and the optimizer update computed together, compiled.
+
+``impl="default"`` centralizes every gradient in a separate pass, then runs
+torch's own step: one more read and write of every gradient. ``impl="fused"``
+computes, per parameter, the per-unit mean of ĝ = g + λw and the whole update
+in one compiled kernel (``torch.compile``: Inductor emits C++ on CPU and Triton
+on GPU). Inductor's outer-loop fusion computes each unit's mean and then updates
+that unit while its row is still in cache, so GC adds no pass over memory.
+
+Each GC'd parameter is viewed as a 2-D ``(units, M)`` tensor (a conv weight
+``(out, in, k, k)`` as ``(out, in·k·k)``; channels_last too, since the mean is
+taken over a whole unit whatever its inner order) and every other parameter as
+1-D, with dynamic shapes, so every parameter set compiles to the same few small
+graphs and later steps reuse them.
+
+What the default path does and this one does not: it leaves ``p.grad``
+untouched (torch's optimizers never write ``p.grad`` either), which is exactly
+the pass over memory it saves.
+
+References:
+    Yong et al., ECCV 2020, Algorithm 1 (SGDM + GC), Algorithm 2 (Adam + GC),
+    §3.4 (ĝ = P(g + λw)).
+
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradcent.core import centralize
+from gradcent.optim._engine import has_coupled_decay
+from gradcent.rules import Spec
+
+IMPLS = ("default", "fused")
+# Scalar slots passed to the kernels as one small tensor, so that a learning-rate
+# schedule or the step count changes a value, never a guard (no recompilation).
+_SGD_SLOTS = ("lr", "momentum", "damp", "l2", "decay_mul", "g_coef", "buf_coef")
+_ADAM_SLOTS = ("step_size", "1-beta1", "beta2", "1-beta2", "eps", "l2", "bc2_sqrt", "decay_mul")
+
+
+def check_impl(impl: object) -> str:
+    """Validate an ``impl=`` value.
+
+    Args:
+        impl: ``"default"`` (GC pass, then torch's step: the ground truth) or
+            ``"fused"`` (GC and update in one compiled kernel).
+
+    Returns:
+        ``impl``.
+
+    Raises:
+        ValueError: naming the bad value.
+
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"Invalid impl: {impl!r} (expected 'default' or 'fused')")
+    return impl  # type: ignore[return-value]
+
+
+def check_fused_options(optimizer: torch.optim.Optimizer) -> None:
+    """Reject torch options the fused path does not implement, naming them.
+
+    Args:
+        optimizer: a gradcent SGD, SGDW, Adam or AdamW built with ``impl="fused"``.
+
+    Raises:
+        ValueError: for ``fused=True``, ``capturable``, ``differentiable`` or an
+            optimizer the fused path has no kernel for.
+
+    """
+    _kind(optimizer)
+    for group in optimizer.param_groups:
+        for key in ("fused", "capturable", "differentiable"):
+            if group.get(key):
+                raise ValueError(f"impl='fused' does not support {key}=True")
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> str:
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return "adam"
+    raise ValueError(f"impl='fused' has no kernel for {type(optimizer).__name__}")
+
+
+# ---------------------------------------------------------------- the math
+# Pure functions of one parameter: they return the new tensors, and the callers
+# write them back with one _foreach_copy_ (in-place writes inside the graph hit an
+# Inductor CPU outer-loop-fusion bug, pytorch/pytorch#196570).
+
+
+def _centred(g: Tensor, p: Tensor, l2: Tensor, centre: bool) -> Tensor:
+    """ĝ = P(g + λw) on a (units, M) view, or g + λw when not centring (§3.4)."""
+    g = g + l2 * p
+    if centre:
+        g = g - g.mean(dim=-1, keepdim=True)
+    return g
+
+
+def _sgd_math(
+    p: Tensor, g: Tensor, buf: Tensor | None, s: Tensor, centre: bool
+) -> tuple[Tensor, ...]:
+    """One SGD(M) step of torch's for-loop, on ĝ (Algorithm 1)."""
+    lr, momentum, damp, l2, decay_mul, g_coef, buf_coef = s.unbind(0)
+    g = _centred(g, p, l2, centre)
+    if buf is None:
+        return (p * decay_mul - lr * g,)
+    # damp is 1 on the first step and buf is zero then, so buf2 = ĝ exactly as
+    # torch's clone of the first gradient.
+    buf2 = buf * momentum + damp * g
+    # Nesterov is (g_coef, buf_coef) = (1, momentum), plain momentum (0, 1): exact
+    # either way, and one graph serves both.
+    upd = g_coef * g + buf_coef * buf2
+    return p * decay_mul - lr * upd, buf2
+
+
+def _adam_math(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    vmax: Tensor | None,
+    s: Tensor,
+    centre: bool,
+) -> tuple[Tensor, ...]:
+    """One Adam/AdamW step of torch's for-loop, on ĝ (Algorithm 2)."""
+    step_size, w1, beta2, w2, eps, l2, bc2_sqrt, decay_mul = s.unbind(0)
+    g = _centred(g, p, l2, centre)
+    m2 = torch.lerp(m, g, w1)
+    v2 = v * beta2 + w2 * g * g
+    out_v = v2 if vmax is None else torch.maximum(vmax, v2)
+    p2 = p * decay_mul - step_size * m2 / (out_v.sqrt() / bc2_sqrt + eps)
+    return (p2, m2, v2) if vmax is None else (p2, m2, v2, out_v)
+
+
+def _sgd_one(p, g, buf, s, centre: bool) -> None:
+    new = _sgd_math(p, g, buf, s, centre)
+    torch._foreach_copy_([p] if buf is None else [p, buf], list(new))
+
+
+def _adam_one(p, g, m, v, vmax, s, centre: bool) -> None:
+    new = _adam_math(p, g, m, v, vmax, s, centre)
+    torch._foreach_copy_([p, m, v] if vmax is None else [p, m, v, vmax], list(new))
+
+
+def _sgd_many(ps, gs, bufs, ss, centres: tuple[bool, ...]) -> None:
+    dst: list[Tensor] = []
+    src: list[Tensor] = []
+    for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+        buf = bufs[i] if bufs else None
+        new = _sgd_math(p, g, buf, ss[i], centres[i])
+        dst += [p] if buf is None else [p, buf]
+        src += new
+    torch._foreach_copy_(dst, src)
+
+
+def _adam_many(ps, gs, ms, vs, vmaxs, ss, centres: tuple[bool, ...]) -> None:
+    dst: list[Tensor] = []
+    src: list[Tensor] = []
+    for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs, strict=True)):
+        vmax = vmaxs[i] if vmaxs else None
+        new = _adam_math(p, g, m, v, vmax, ss[i], centres[i])
+        dst += [p, m, v] if vmax is None else [p, m, v, vmax]
+        src += new
+    torch._foreach_copy_(dst, src)
+
+
+_EAGER: dict[str, Callable[..., None]] = {"sgd": _sgd_one, "adam": _adam_one}
+_COMPILED: dict[str, Callable[..., None]] = {}
+
+
+def compiled_kernel(name: str) -> Callable[..., None]:
+    """The compiled kernel ``name`` (``"sgd_one"``, ``"adam_many"``, ...), built once.
+
+    Args:
+        name: which kernel.
+
+    Returns:
+        ``torch.compile(fn, dynamic=True, fullgraph=True)`` of it; Dynamo caches
+        its graphs per function, so every optimizer shares them.
+
+    """
+    if name not in _COMPILED:
+        fn = {
+            "sgd_one": _sgd_one,
+            "adam_one": _adam_one,
+            "sgd_many": _sgd_many,
+            "adam_many": _adam_many,
+        }[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+# ---------------------------------------------------------------- the views
+
+
+def _alias(t: Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+    """A new tensor on ``t``'s storage that is not a view (``_base`` is None).
+
+    Dynamo guards on the base of a view; a fresh alias keeps the guards to the
+    shape and strides that matter, so later steps do not recompile.
+    """
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), shape, stride)
+
+
+def _dense(t: Tensor) -> bool:
+    """True when ``t`` fills its memory exactly: some permutation of it is contiguous."""
+    expected = 1
+    for stride, size in sorted(
+        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _rows(t: Tensor, centre: bool) -> Tensor:
+    """``t`` as (units, M) when centring (units contiguous blocks), else flat 1-D.
+
+    Both are element-for-element aliases of the same memory, so tensors with
+    identical strides line up element by element whatever their inner order.
+    """
+    if centre:
+        m = t.numel() // t.shape[0]
+        return _alias(t, (t.shape[0], m), (m, 1))
+    return _alias(t, (t.numel(),), (1,))
+
+
+def _fast(p: Tensor, tensors: list[Tensor], spec: Spec | None) -> bool:
+    """True when ``p`` and its grad/state can go through the kernel as rows."""
+    if p.numel() == 0 or not _dense(p):
+        return False
+    if any(t.stride() != p.stride() or not _dense(t) for t in tensors):
+        return False
+    if spec is None:
+        return True
+    standard = spec.groups == 1 and tuple(spec.dims) == tuple(range(1, p.dim()))
+    # Units are rows only when each unit is one contiguous block of M elements.
+    return standard and p.stride(0) == p.numel() // p.shape[0]
+
+
+# ---------------------------------------------------------------- the step
+
+
+def _decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[float, float]:
+    """(l2, decay_mul): coupled L2 folded into ĝ, or the decoupled shrink factor."""
+    wd = float(group.get("weight_decay", 0.0))
+    if not wd:
+        return 0.0, 1.0
+    if has_coupled_decay(optimizer, group):
+        return wd, 1.0
+    return 0.0, 1.0 - float(group["lr"]) * wd
+
+
+def _scalars(values: list[list[float]], device: torch.device) -> list[Tensor]:
+    """One float32 row per parameter, moved to the device in one copy."""
+    table = torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+    return list(table.unbind(0))
+
+
+class _Batch:
+    """The kernel arguments of one group, split by device and dtype."""
+
+    def __init__(self) -> None:
+        self.cols: list[list[Tensor | None]] = []
+        self.rows: list[list[float]] = []
+        self.centres: list[bool] = []
+
+
+def _state_tensors(
+    optimizer, kind: str, group: dict[str, Any], p: Tensor
+) -> tuple[list[Tensor], bool]:
+    """Create torch's state for ``p`` if missing.
+
+    Returns the tensors the kernel updates, and whether the state was just made.
+    """
+    state = optimizer.state[p]
+    if kind == "sgd":
+        if not group["momentum"]:
+            return [], False
+        first = state.get("momentum_buffer") is None
+        if first:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state["momentum_buffer"]], first
+    first = len(state) == 0
+    if first:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+    return [state[n] for n in names], first
+
+
+def _row(
+    kind: str, optimizer, group: dict[str, Any], p: Tensor, first: bool, l2: float, mul: float
+) -> list[float]:
+    """The scalar row of ``p`` for this step (also advances Adam's step count)."""
+    if kind == "sgd":
+        damp = 1.0 if first else 1.0 - group["dampening"]
+        coefs = (1.0, group["momentum"]) if group["nesterov"] else (0.0, 1.0)
+        return [float(group["lr"]), group["momentum"], damp, l2, mul, *coefs]
+    step_t = optimizer.state[p]["step"]
+    step_t += 1
+    step = float(step_t)
+    beta1, beta2 = group["betas"]
+    lr = float(group["lr"])
+    # Same double-precision scalars as torch's for-loop Adam.
+    step_size = lr / (1 - beta1**step)
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    return [step_size, 1 - beta1, beta2, 1 - beta2, group["eps"], l2, bc2_sqrt, mul]
+
+
+@torch.no_grad()
+def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") -> None:
+    """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, fused and compiled.
+
+    Args:
+        optimizer: a gradcent optimizer built with ``impl="fused"``.
+        strategy: ``"per_param"`` (one compiled call per parameter; a few small
+            graphs shared by all shapes) or ``"foreach"`` (one compiled call per
+            group, one graph per parameter set).
+
+    References:
+        Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
+
+    """
+    kind = _kind(optimizer)
+    gc = optimizer._gc
+    # P is idempotent, so gradients centred earlier by centralize_grads() (and
+    # maybe clipped since) give P(Pg + λw) = Pg + λP(w): the default path's rule.
+    gc.discard_pending()
+    for group in optimizer.param_groups:
+        gplan = gc._group_plan(group)
+        l2, mul = _decay(optimizer, group)
+        maximize = group.get("maximize", False)
+        batches: dict[tuple, _Batch] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            spec = gc._spec(gplan, p) if gplan.mode is not None else None
+            if p.grad.is_sparse:
+                raise ValueError("impl='fused' needs dense gradients")
+            g = -p.grad if maximize else p.grad
+            state, first = _state_tensors(optimizer, kind, group, p)
+            row = _row(kind, optimizer, group, p, first, l2, mul)
+            pd = p.detach()
+            if _fast(pd, [g, *state], spec):
+                centre = spec is not None
+                cols = [_rows(t, centre) for t in (pd, g, *state)]
+            else:
+                # Rare layouts (ConvTranspose groups, mismatched strides): ĝ eagerly,
+                # then the same kernel with no centring and no L2 on it.
+                if spec is not None:
+                    g = centralize(g + row[_slot(kind, "l2")] * pd, spec.dims, spec.groups)
+                    row[_slot(kind, "l2")] = 0.0
+                _run_eager(kind, group, [pd, g, *state], row)
+                continue
+            key = (p.device, p.dtype)
+            batch = batches.setdefault(key, _Batch())
+            batch.cols.append(cols)
+            batch.rows.append(row)
+            batch.centres.append(centre)
+        for (device, _), batch in batches.items():
+            _launch(kind, group, batch, _scalars(batch.rows, device), strategy)
+
+
+def _slot(kind: str, name: str) -> int:
+    return (_SGD_SLOTS if kind == "sgd" else _ADAM_SLOTS).index(name)
+
+
+def _split(kind: str, group: dict[str, Any], cols: list[Tensor]) -> list[Tensor | None]:
+    """Kernel argument order: p, g, then the state (None where a slot is unused)."""
+    if kind == "sgd":
+        return [cols[0], cols[1], cols[2] if len(cols) > 2 else None]
+    return [cols[0], cols[1], cols[2], cols[3], cols[4] if len(cols) > 4 else None]
+
+
+def _run_eager(kind: str, group: dict[str, Any], cols: list[Tensor], row: list[float]) -> None:
+    s = torch.tensor(row, dtype=torch.float32, device=cols[0].device)
+    args = _split(kind, group, cols)
+    _EAGER[kind](*args, s, False)
+
+
+def _launch(kind: str, group: dict[str, Any], batch: _Batch, ss: list[Tensor], strategy: str):
+    if strategy == "per_param":
+        fn = compiled_kernel(f"{kind}_one")
+        for cols, s, centre in zip(batch.cols, ss, batch.centres, strict=True):
+            fn(*_split(kind, group, cols), s, centre)
+        return
+    if strategy != "foreach":
+        raise ValueError(f"Invalid strategy: {strategy!r} (expected 'per_param' or 'foreach')")
+    fn = compiled_kernel(f"{kind}_many")
+    per = list(zip(*[_split(kind, group, c) for c in batch.cols], strict=True))
+    lists = [[] if col[0] is None else list(col) for col in per]
+    fn(*lists, ss, tuple(batch.centres))
