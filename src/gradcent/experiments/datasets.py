@@ -14,7 +14,10 @@ References:
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +27,14 @@ DOCS = "docs/DATASETS.md"
 
 
 class DatasetError(ValueError):
-    """A dataset is missing or not in the expected format."""
+    """A dataset is missing or not in the expected format.
+
+    The message says what was expected, where it looked and where to get it.
+
+    References:
+        docs/DATASETS.md.
+
+    """
 
 
 @dataclass
@@ -52,10 +62,10 @@ class DataSpec:
     in_channels: int
     image_size: int
     task: str
-    collate_fn: object | None = None
+    collate_fn: Callable | None = None
 
 
-def _digits(data: str | None) -> DataSpec:
+def _digits(data: str | None, **_: object) -> DataSpec:
     """Scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -75,16 +85,310 @@ def _digits(data: str | None) -> DataSpec:
     return DataSpec(to_set(x_tr, y_tr), to_set(x_te, y_te), 10, 1, 8, "classification")
 
 
-_BUILDERS = {"digits": _digits}
+# Per-channel statistics of the CIFAR-100 training images (RGB, in [0, 1]).
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+_COCO_URL = "https://cocodataset.org/#download (train2017, val2017, annotations_trainval2017)"
+
+
+def _missing(what: str, where: Path, get: str) -> DatasetError:
+    """The uniform "expected X at Y, get it from Z" error."""
+    return DatasetError(
+        f"Expected {what} at {where}, but it is missing. Get it from {get}; see {DOCS}."
+    )
+
+
+class ArrayImages(Dataset):
+    """Images held as a ``(N, H, W, C)`` uint8 array, with labels and a transform.
+
+    References:
+        Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009.
+
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def _read_pickle(path: Path) -> dict:
+    """A CIFAR python-format pickle, or a DatasetError naming the file."""
+    if not path.is_file():
+        raise _missing(f"the CIFAR-100 file {path.name!r}", path, _CIFAR_URL)
+    try:
+        with path.open("rb") as f:
+            # latin1 decodes the Python-2 pickles of the official archive.
+            obj = pickle.load(f, encoding="latin1")
+    except Exception as err:  # any unpickling failure means a corrupt file
+        raise DatasetError(f"{path} is not a CIFAR-100 python pickle ({err}); see {DOCS}") from err
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path} holds a {type(obj).__name__}, expected a dict; see {DOCS}")
+    return obj
+
+
+def _cifar_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 32, 32, 3) uint8 and fine labels of one CIFAR-100 split."""
+    obj = _read_pickle(path)
+    if "data" not in obj or "fine_labels" not in obj:
+        raise DatasetError(
+            f"{path} lacks 'data' or 'fine_labels' (has {sorted(obj)}); "
+            f"expected the CIFAR-100 python format from {_CIFAR_URL}"
+        )
+    data, labels = np.asarray(obj["data"]), np.asarray(obj["fine_labels"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DatasetError(
+            f"{path}: 'data' has shape {data.shape} for {len(labels)} labels; expected (N, 3072)"
+        )
+    # Rows are channel-major (1024 R, 1024 G, 1024 B), as in the official archive.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.uint8), labels
+
+
+def _cifar_folder(data: str | None) -> Path:
+    """The ``cifar-100-python`` folder, given it or its parent."""
+    if data is None:
+        raise DatasetError(
+            f"cifar100 needs --data: the 'cifar-100-python' folder (or its parent) "
+            f"extracted from {_CIFAR_URL}; see {DOCS}"
+        )
+    root = Path(data)
+    folder = root if (root / "train").exists() else root / "cifar-100-python"
+    if not folder.is_dir():
+        raise _missing("the 'cifar-100-python' folder (train, test, meta)", folder, _CIFAR_URL)
+    return folder
+
+
+def _cifar100(data: str | None, **_: object) -> DataSpec:
+    """CIFAR-100 from the official python-format folder, with standard augmentation."""
+    from torchvision import transforms as T
+
+    folder = _cifar_folder(data)
+    meta = _read_pickle(folder / "meta")
+    names = meta.get("fine_label_names")
+    if not names:
+        raise DatasetError(f"{folder / 'meta'} lacks 'fine_label_names'; see {DOCS}")
+    normalize = [T.ToTensor(), T.Normalize(CIFAR100_MEAN, CIFAR100_STD)]
+    # Random crop with 4-pixel padding + flip: the usual CIFAR recipe (He et al. 2016).
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
+    train = ArrayImages(*_cifar_split(folder / "train"), T.Compose(train_tf.transforms))
+    test = ArrayImages(*_cifar_split(folder / "test"), T.Compose(normalize))
+    for split in (train, test):
+        if split.labels.size and int(split.labels.max()) >= len(names):
+            raise DatasetError(f"{folder}: a label exceeds the {len(names)} classes in meta")
+    return DataSpec(train, test, len(names), 3, 32, "classification")
+
+
+def _image_folder_split(root: Path, names: tuple[str, ...], transform: Callable) -> Dataset:
+    """An ImageFolder for the first existing sub-folder of ``names``."""
+    from torchvision.datasets import ImageFolder
+
+    for name in names:
+        if (root / name).is_dir():
+            try:
+                return ImageFolder(str(root / name), transform=transform)
+            except (FileNotFoundError, RuntimeError) as err:
+                # torchvision: no class folder / no image with a known extension
+                raise DatasetError(
+                    f"{root / name} holds no images in class sub-folders ({err}); "
+                    f"expected {root / name}/<class>/<image>.jpg; see {DOCS}"
+                ) from err
+    raise DatasetError(
+        f"Expected an ImageFolder tree at {root / names[0]} (one sub-folder per class), "
+        f"but it is missing; see {DOCS} for ImageNet, Mini-ImageNet and the fine-grained sets"
+    )
+
+
+def _image_folder(data: str | None, fine_grained: bool = False, **_: object) -> DataSpec:
+    """``data/train`` and ``data/val`` class folders with ImageNet-style transforms."""
+    from torchvision import transforms as T
+
+    if data is None:
+        raise DatasetError(
+            f"imagefolder needs --data: a folder with train/<class>/*.jpg and "
+            f"val/<class>/*.jpg; see {DOCS}"
+        )
+    root = Path(data)
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if fine_grained:
+        # §5.5: resize to 512x512, centre crop 448 for training and testing; the
+        # authors' released code also flips training images.
+        base = [T.Resize((512, 512)), T.CenterCrop(448)]
+        train_tf = T.Compose([*base, T.RandomHorizontalFlip(), *normalize])
+        test_tf, size = T.Compose([*base, *normalize]), 448
+    else:
+        train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *normalize])
+        test_tf, size = T.Compose([T.Resize(256), T.CenterCrop(224), *normalize]), 224
+    train = _image_folder_split(root, ("train",), train_tf)
+    test = _image_folder_split(root, ("val", "test"), test_tf)
+    if train.classes != test.classes:
+        raise DatasetError(
+            f"{root}: train has {len(train.classes)} classes, val {len(test.classes)}; "
+            "both need the same class sub-folders"
+        )
+    return DataSpec(train, test, len(train.classes), 3, size, "classification")
+
+
+def _finegrained(data: str | None, **kwargs: object) -> DataSpec:
+    """An ImageFolder with the fine-grained transforms of §5.5."""
+    kwargs["fine_grained"] = True
+    return _image_folder(data, **kwargs)
+
+
+def _usable(anns: list[dict], height: int, width: int) -> list[tuple[list[float], dict]]:
+    """Non-crowd annotations with their ``xyxy`` box clipped to the image, if non-empty."""
+    out = []
+    for ann in anns:
+        if ann.get("iscrowd", 0):
+            continue  # crowd regions are ignored in training, as in torchvision's recipe
+        x, y, w, h = ann["bbox"]
+        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+        if x2 > x1 and y2 > y1:  # degenerate boxes would give NaN box-regression losses
+            out.append(([x1, y1, x2, y2], ann))
+    return out
+
+
+def _coco_target(anns: list[dict], coco: object, image_id: int, height: int, width: int) -> dict:
+    """COCO annotations -> the target dict torchvision detection models take."""
+    usable = _usable(anns, height, width)
+    empty = np.zeros((height, width), np.uint8)
+    masks = [coco.annToMask(ann) if ann.get("segmentation") else empty for _, ann in usable]
+    return {
+        "boxes": torch.tensor([b for b, _ in usable], dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor([a["category_id"] for _, a in usable], dtype=torch.int64),
+        "masks": torch.from_numpy(np.stack(masks))
+        if masks
+        else torch.zeros((0, height, width), dtype=torch.uint8),
+        "image_id": image_id,
+    }
+
+
+class CocoTransform:
+    """(PIL image, COCO annotations) -> (float image tensor, detection target).
+
+    Boxes become ``xyxy`` floats, labels are the COCO category ids (so
+    ``num_classes`` = 91 for COCO, as in torchvision), masks are uint8
+    ``(n, H, W)``; training images are flipped horizontally at random.
+
+    References:
+        Lin et al., ECCV 2014 (COCO); Yong et al., ECCV 2020, §5.6.
+
+    """
+
+    def __init__(self, coco: object, train: bool) -> None:
+        self.coco, self.train = coco, train
+
+    def __call__(self, image: object, anns: list[dict]) -> tuple[torch.Tensor, dict]:  # noqa: D102
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        # CocoDetection passes no id; an image without annotations gets -1.
+        image_id = anns[0]["image_id"] if anns else -1
+        target = _coco_target(anns, self.coco, image_id, image.height, image.width)
+        img = v2.functional.to_image(image)
+        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=img.shape[-2:])
+        masks = tv_tensors.Mask(target["masks"])
+        if self.train:
+            img, boxes, masks = v2.RandomHorizontalFlip()(img, boxes, masks)
+        img = v2.functional.to_dtype(img, torch.float32, scale=True)
+        target.update(boxes=boxes.as_subclass(torch.Tensor), masks=masks.as_subclass(torch.Tensor))
+        return img.as_subclass(torch.Tensor), target
+
+
+def collate_detection(batch: list) -> tuple[list, list]:
+    """Detection batches are lists: images differ in size.
+
+    Args:
+        batch: ``(image, target)`` pairs.
+
+    Returns:
+        ``(images, targets)`` as two lists.
+
+    References:
+        torchvision detection reference scripts (``utils.collate_fn``).
+
+    """
+    images, targets = zip(*batch, strict=True) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def _coco_split(root: Path, split: str, train: bool) -> Dataset:
+    """One COCO split as a CocoDetection with :class:`CocoTransform`."""
+    from torchvision.datasets import CocoDetection
+
+    images = root / f"{split}2017"
+    ann_file = root / "annotations" / f"instances_{split}2017.json"
+    if not images.is_dir():
+        raise _missing(f"the COCO image folder '{split}2017'", images, _COCO_URL)
+    if not ann_file.is_file():
+        raise _missing(f"the COCO annotation file '{ann_file.name}'", ann_file, _COCO_URL)
+    try:
+        dataset = CocoDetection(str(images), str(ann_file))
+    except Exception as err:  # bad JSON or missing keys surface as many error types
+        raise DatasetError(f"{ann_file} is not a COCO instances file ({err}); see {DOCS}") from err
+    coco = dataset.coco
+    if train:
+        # Images without a usable box cannot train a detector (torchvision's recipe).
+        dataset.ids = [
+            i
+            for i in dataset.ids
+            if _usable(
+                coco.loadAnns(coco.getAnnIds(imgIds=i)),
+                coco.imgs[i]["height"],
+                coco.imgs[i]["width"],
+            )
+        ]
+    dataset.transforms = CocoTransform(coco, train)
+    return dataset
+
+
+def _coco(data: str | None, **_: object) -> DataSpec:
+    """COCO 2017 instances (boxes + masks) for Faster / Mask R-CNN."""
+    if data is None:
+        raise DatasetError(
+            f"coco needs --data: a folder with train2017/, val2017/ and "
+            f"annotations/instances_{{train,val}}2017.json from {_COCO_URL}; see {DOCS}"
+        )
+    root = Path(data)
+    train, test = _coco_split(root, "train", True), _coco_split(root, "val", False)
+    cats = train.coco.getCatIds()
+    # Labels are raw category ids, so the classifier needs max id + 1 outputs (COCO: 91).
+    num_classes = max(cats) + 1 if cats else 1
+    return DataSpec(train, test, num_classes, 3, 800, "detection", collate_fn=collate_detection)
+
+
+_BUILDERS: dict[str, Callable[..., DataSpec]] = {
+    "digits": _digits,
+    "cifar100": _cifar100,
+    "imagefolder": _image_folder,
+    # Mini-ImageNet (84x84 images) goes through the ImageNet pipeline, upsampled to
+    # 224 (§5.2); this is exactly what the authors' released code does.
+    "miniimagenet": _image_folder,
+    "finegrained": _finegrained,
+    "coco": _coco,
+}
 
 
 def _first(dataset: Dataset, n: int | None) -> Dataset:
-    """The first ``n`` samples (deterministic); all of them when n is None."""
+    """``n`` evenly spaced samples (deterministic); all of them when n is None.
+
+    Evenly spaced rather than the first ``n``: ImageFolder and COCO are sorted by
+    class / id, and their first samples would all be one class.
+    """
     if n is None:
         return dataset
     if n <= 0:
         raise ValueError(f"Invalid subset: {n} (must be a positive number of samples)")
-    return Subset(dataset, range(min(n, len(dataset))))
+    size = len(dataset)
+    if n >= size:
+        return dataset
+    return Subset(dataset, [i * size // n for i in range(n)])
 
 
 def dataset_names() -> list[str]:
@@ -98,16 +402,24 @@ def dataset_names() -> list[str]:
 
 
 def build_dataset(
-    name: str, data: str | None = None, subset: int | None = None, seed: int = 0
+    name: str,
+    data: str | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    fine_grained: bool = False,
 ) -> DataSpec:
     """Build a dataset by name.
 
     Args:
-        name: one of :func:`dataset_names` (``digits`` needs no files).
-        data: the dataset folder (ignored for ``digits``).
-        subset: keep only the first ``subset`` samples of train and of test.
-        seed: reserved for datasets whose split is random; the bundled splits are
-            fixed so that every seed sees the same test set.
+        name: one of :func:`dataset_names` (``digits`` needs no files;
+            ``finegrained`` is ``imagefolder`` with ``fine_grained=True``;
+            ``miniimagenet`` is ``imagefolder``).
+        data: the dataset folder (ignored for ``digits``); see docs/DATASETS.md.
+        subset: keep ``subset`` evenly spaced samples (deterministic) of train
+            and of test, to shrink a run.
+        seed: accepted for a uniform call; every split here is fixed, so that
+            all seeds of a comparison see the same test set.
+        fine_grained: imagefolder only: resize 512x512 / centre crop 448 (§5.5).
 
     Returns:
         A :class:`DataSpec`.
@@ -120,11 +432,13 @@ def build_dataset(
         Yong et al., ECCV 2020, §5.1.
 
     """
-    del seed  # every split here is fixed; kept for the harness' uniform call
+    del seed  # every split here is fixed
     key = name.lower().replace("-", "").replace("_", "")
     if key not in _BUILDERS:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(dataset_names())}")
-    spec = _BUILDERS[key](data)
+    if fine_grained and key not in ("imagefolder", "finegrained"):
+        raise ValueError(f"fine_grained applies to imagefolder datasets, not {name!r}")
+    spec = _BUILDERS[key](data, fine_grained=fine_grained)
     spec.train = _first(spec.train, subset)
     spec.test = _first(spec.test, subset)
     return spec
