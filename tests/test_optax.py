@@ -1,0 +1,392 @@
+"""gradcent.integrations.optax: GC for JAX with the right axes per kernel layout."""
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from torch import nn
+
+import gradcent
+from gradcent.core import centralize as torch_centralize
+from gradcent.integrations.optax import (
+    adam_gc,
+    adamw_gc,
+    centralize,
+    centralize_array,
+    infer_kind,
+    leaf_spec,
+    nnx_kinds,
+    path_names,
+    sgd_gc,
+)
+from gradcent.layouts import layer_spec
+from gradcent.rules import plan
+
+# optax's own test table for optax.centralize (optax/_src/transform_test.py).
+OPTAX_TABLE = [
+    ([1.0, 2.0], [1.0, 2.0]),
+    ([[1.0, 2.0], [3.0, 4.0]], [[-0.5, 0.5], [-0.5, 0.5]]),
+    (
+        [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]],
+        [[[-1.5, -0.5], [0.5, 1.5]], [[-1.5, -0.5], [0.5, 1.5]]],
+    ),
+]
+
+
+@pytest.mark.parametrize("inputs, outputs", OPTAX_TABLE)
+def test_torch_layout_reproduces_optax_centralize_table(inputs, outputs):
+    inputs = jnp.asarray(inputs)
+    got, state = centralize(layout="torch").update(inputs, centralize().init(inputs))
+    np.testing.assert_allclose(got, np.asarray(outputs), atol=1e-6)
+    ref, _ = optax.centralize().update(inputs, optax.EmptyState())
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert state == optax.EmptyState()
+
+
+def test_flax_layout_centres_output_units_where_optax_does_not():
+    # A Flax Dense kernel is (in, out): output unit j is column j.
+    grads = {"params": {"Dense_0": {"kernel": jnp.array([[1.0, 2.0, 3.0], [5.0, 8.0, 13.0]])}}}
+    ours, _ = centralize().update(grads, optax.EmptyState())
+    theirs, _ = optax.centralize().update(grads, optax.EmptyState())
+    k_ours, k_theirs = ours["params"]["Dense_0"]["kernel"], theirs["params"]["Dense_0"]["kernel"]
+    np.testing.assert_allclose(k_ours, [[-2.0, -3.0, -5.0], [2.0, 3.0, 5.0]], atol=1e-6)
+    np.testing.assert_allclose(k_ours.mean(axis=0), 0.0, atol=1e-6)  # per output unit
+    # optax.centralize zeroes the mean of each *input* row instead.
+    np.testing.assert_allclose(k_theirs.mean(axis=1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(k_theirs.mean(axis=0), [-7 / 3, -1 / 3, 8 / 3], atol=1e-5)
+
+
+def test_path_rules():
+    assert infer_kind(("params", "Dense_0", "kernel"), 2) == "dense"
+    assert infer_kind(("params", "Conv_1", "kernel"), 4) == "conv"
+    assert infer_kind(("params", "ConvTranspose_0", "kernel"), 4) == "conv_transpose"
+    assert infer_kind(("params", "Dense_0", "bias"), 1) == "other"
+    assert infer_kind(("params", "LayerNorm_0", "scale"), 1) == "other"
+    assert infer_kind(("params", "Embed_0", "embedding"), 2) == "embedding"
+    assert infer_kind(("mlp/~/linear_1", "w"), 2) == "dense"
+    assert infer_kind(("conv2_d_transpose", "w"), 4) == "conv_transpose"
+    assert infer_kind(("params", "head", "kernel"), 2) == "tensor"
+
+
+def test_modes_mask_embeddings_and_kinds_override():
+    rng = np.random.default_rng(0)
+    tree = {
+        "params": {
+            "Conv_0": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)) + 1, jnp.float32)},
+            "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(5, 3)) + 1, jnp.float32)},
+            "Dense_0b": {"bias": jnp.ones(3)},
+            "Embed_0": {"embedding": jnp.asarray(rng.normal(size=(6, 4)) + 1, jnp.float32)},
+        }
+    }
+    p = tree["params"]
+
+    def run(tx):
+        return tx.update(tree, tx.init(tree))[0]["params"]
+
+    conv_only = run(centralize("conv"))
+    np.testing.assert_allclose(conv_only["Conv_0"]["kernel"].mean(axis=(0, 1, 2)), 0, atol=1e-6)
+    np.testing.assert_array_equal(conv_only["Dense_0"]["kernel"], p["Dense_0"]["kernel"])
+    fc_only = run(centralize("fc"))
+    np.testing.assert_array_equal(fc_only["Conv_0"]["kernel"], p["Conv_0"]["kernel"])
+    np.testing.assert_allclose(fc_only["Dense_0"]["kernel"].mean(axis=0), 0, atol=1e-6)
+    both = run(centralize("all"))
+    np.testing.assert_array_equal(both["Dense_0b"]["bias"], p["Dense_0b"]["bias"])
+    np.testing.assert_array_equal(both["Embed_0"]["embedding"], p["Embed_0"]["embedding"])
+    rows = run(centralize(embeddings=True))["Embed_0"]["embedding"]
+    np.testing.assert_allclose(rows.mean(axis=1), 0, atol=1e-6)
+    assert run(centralize(None))["Dense_0"]["kernel"] is p["Dense_0"]["kernel"]
+
+    mask = jax.tree.map(lambda _: True, tree)
+    mask["params"]["Dense_0"]["kernel"] = False
+    masked = run(centralize(mask=mask))
+    np.testing.assert_array_equal(masked["Dense_0"]["kernel"], p["Dense_0"]["kernel"])
+    np.testing.assert_allclose(masked["Conv_0"]["kernel"].mean(axis=(0, 1, 2)), 0, atol=1e-6)
+
+    def kinds(names, leaf):
+        return "other" if names[-2] == "Conv_0" else None
+
+    overridden = run(centralize(kinds=kinds))
+    np.testing.assert_array_equal(overridden["Conv_0"]["kernel"], p["Conv_0"]["kernel"])
+    with pytest.raises(ValueError, match="Invalid layout"):
+        centralize(layout="nchw")
+
+
+def test_low_precision_means_in_float32():
+    g = jnp.asarray(np.random.default_rng(1).normal(size=(64, 8)) + 10, jnp.bfloat16)
+    out = centralize_array(g, (0,))
+    assert out.dtype == jnp.bfloat16
+    ref = np.asarray(g, np.float32) - np.asarray(g, np.float32).mean(axis=0)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.07)
+    assert centralize_array(jnp.ones((1, 5)), (0,)) is not None  # M = 1: unchanged
+    np.testing.assert_array_equal(centralize_array(jnp.ones((1, 5)), (0,)), 1.0)
+
+
+class Wrap(linen.Module):
+    """Hosts one layer under its Linen autoname (``Dense_0``, ``Conv_0``, ...)."""
+
+    make: object
+
+    @linen.compact
+    def __call__(self, x):
+        return self.make()(x)
+
+
+def _flip(k):
+    return k[::-1, ::-1]
+
+
+# name: (torch layer, flax layer, torch weight -> flax kernel, flax kernel -> torch weight)
+LAYERS = {
+    "dense": (
+        lambda: nn.Linear(5, 7),
+        lambda: linen.Dense(7),
+        lambda w: w.T,
+        lambda k: k.T,
+    ),
+    "conv": (
+        lambda: nn.Conv2d(4, 6, 3),
+        lambda: linen.Conv(6, (3, 3), padding="VALID"),
+        lambda w: w.transpose(2, 3, 1, 0),
+        lambda k: k.transpose(3, 2, 0, 1),
+    ),
+    "grouped_conv": (
+        lambda: nn.Conv2d(4, 6, 3, groups=2),
+        lambda: linen.Conv(6, (3, 3), padding="VALID", feature_group_count=2),
+        lambda w: w.transpose(2, 3, 1, 0),
+        lambda k: k.transpose(3, 2, 0, 1),
+    ),
+    # Flax ConvTranspose(transpose_kernel=False): (kh, kw, in, out), spatially flipped.
+    "conv_transpose": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=2),
+        lambda: linen.ConvTranspose(6, (3, 3), strides=(2, 2), padding="VALID"),
+        lambda w: _flip(w.transpose(2, 3, 0, 1)),
+        lambda k: _flip(k).transpose(2, 3, 0, 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_flax_kernel_gets_the_same_centred_gradient_as_the_torch_core(name):
+    torch.manual_seed(0)
+    make_torch, make_flax, to_flax, to_torch = LAYERS[name]
+    layer = make_torch()
+    shape = (2, 5) if name == "dense" else (2, 4, 5, 5)
+    x = torch.randn(shape)
+    y = layer(x)
+    r = torch.randn_like(y) + 1.0  # a non-centred upstream gradient
+    (y * r).sum().backward()
+    rule = plan(layer).spec(layer.weight)
+    expected = torch_centralize(layer.weight.grad, rule.dims, rule.groups).numpy()
+
+    x_f = x.numpy() if name == "dense" else x.numpy().transpose(0, 2, 3, 1)
+    r_f = r.numpy() if name == "dense" else r.numpy().transpose(0, 2, 3, 1)
+    w = layer.weight.detach().numpy()
+    params = {
+        "params": {
+            type(make_flax()).__name__ + "_0": {
+                "kernel": jnp.asarray(np.ascontiguousarray(to_flax(w))),
+                "bias": jnp.asarray(layer.bias.detach().numpy()),
+            }
+        }
+    }
+    model = Wrap(make_flax)
+
+    def loss(p):
+        return (model.apply(p, jnp.asarray(x_f)) * r_f).sum()
+
+    y_f = model.apply(params, jnp.asarray(x_f))
+    y_t = y.detach().numpy() if name == "dense" else y.detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y_f, y_t, atol=1e-5)  # the layouts really correspond
+    grads = jax.grad(loss)(params)
+    (mod,) = grads["params"]
+    raw = np.asarray(grads["params"][mod]["kernel"])
+    np.testing.assert_allclose(to_torch(raw), layer.weight.grad.numpy(), atol=1e-4)
+
+    ours, _ = centralize().update(grads, optax.EmptyState())
+    np.testing.assert_allclose(
+        to_torch(np.asarray(ours["params"][mod]["kernel"])), expected, atol=1e-4
+    )
+    np.testing.assert_array_equal(ours["params"][mod]["bias"], grads["params"][mod]["bias"])
+    theirs, _ = optax.centralize().update(grads, optax.EmptyState())
+    wrong = to_torch(np.asarray(theirs["params"][mod]["kernel"]))
+    assert np.abs(wrong - expected).max() > 1e-2
+
+
+def test_torch_layout_grouped_conv_transpose_via_kinds():
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(4, 6, 3, groups=2)
+    g = torch.randn_like(layer.weight) + 2.0
+    rule = plan(layer).spec(layer.weight)
+    expected = torch_centralize(g, rule.dims, rule.groups).numpy()
+
+    def kinds(names, leaf):
+        return layer_spec(leaf.shape, "conv_transpose", "torch", groups=2)
+
+    tree = {"up": {"weight": jnp.asarray(g.numpy())}}
+    got, _ = centralize(layout="torch", kinds=kinds).update(tree, optax.EmptyState())
+    np.testing.assert_allclose(got["up"]["weight"], expected, atol=1e-5)
+
+
+def _torch_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _torch_layout_loss(p, x, y):
+    h = jnp.tanh(x @ p["0"]["weight"].T + p["0"]["bias"])
+    return ((h @ p["2"]["weight"].T + p["2"]["bias"] - y) ** 2).mean()
+
+
+_TORCH_LAYOUT_GRAD = jax.jit(jax.grad(_torch_layout_loss))  # compiled once for all cases
+
+
+@pytest.mark.parametrize(
+    "name, tx, make_torch_opt",
+    [
+        (
+            "sgd_gc",
+            lambda: sgd_gc(0.1, momentum=0.9, weight_decay=0.05, layout="torch"),
+            lambda m: gradcent.SGD(
+                m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05, model=m
+            ),
+        ),
+        (
+            "adam_gc",
+            lambda: adam_gc(0.01, weight_decay=0.05, layout="torch"),
+            lambda m: gradcent.Adam(m.parameters(), lr=0.01, weight_decay=0.05, model=m),
+        ),
+        (
+            "adamw_gc",
+            lambda: adamw_gc(0.01, weight_decay=0.05, layout="torch"),
+            lambda m: gradcent.AdamW(m.parameters(), lr=0.01, weight_decay=0.05, model=m),
+        ),
+    ],
+)
+def test_paper_optimizers_match_gradcent_torch(name, tx, make_torch_opt):
+    # Same weights, same data: the optax chains follow the same weight-decay rule
+    # (coupled P(g + λw) for SGD/Adam, decoupled for AdamW) as gradcent's torch optimizers.
+    model = _torch_mlp()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32)
+    params = {
+        k: {n: jnp.asarray(t.detach().numpy()) for n, t in model[int(k)].named_parameters()}
+        for k in ("0", "2")
+    }
+    opt = make_torch_opt(model)
+    t = tx()
+    state = t.init(params)
+    for _ in range(5):
+        opt.zero_grad()
+        ((model(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
+        opt.step()
+        updates, state = t.update(_TORCH_LAYOUT_GRAD(params, x, y), state, params)
+        params = optax.apply_updates(params, updates)
+    for k in ("0", "2"):
+        for n, p in model[int(k)].named_parameters():
+            np.testing.assert_allclose(params[k][n], p.detach().numpy(), atol=2e-5, err_msg=n)
+
+
+def test_no_retrace_after_first_step():
+    traces = []
+    model = Wrap(lambda: linen.Dense(3))
+    x = jnp.ones((4, 5))
+    params = model.init(jax.random.key(0), x)
+    tx = sgd_gc(0.1, weight_decay=1e-3)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)  # runs only while tracing
+        grads = jax.grad(lambda p: (model.apply(p, x) ** 2).sum())(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(4):
+        params, state = step(params, state)
+    assert len(traces) == 1
+
+
+def test_nnx_kinds_read_layer_types_from_the_model():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.ConvTranspose(2, 3, (2, 2), transpose_kernel=True, rngs=rngs)
+            self.head = nnx.Linear(3, 4, rngs=rngs)
+            self.emb = nnx.Embed(5, 3, rngs=rngs)
+
+    net = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))  # shapes only: nothing to compute
+    kinds = nnx_kinds(net)
+    state = nnx.state(net, nnx.Param)
+    specs = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = path_names(path)
+        spec = leaf_spec(names, leaf, "all", "flax", kinds)
+        specs[names] = None if spec is None else spec.dims
+    assert specs[("up", "kernel")] == (0, 1, 3)  # (k, k, out, in) with transpose_kernel
+    assert specs[("head", "kernel")] == (0,)
+    assert specs[("emb", "embedding")] is None
+    assert specs[("head", "bias")] is None
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images[:128] / 16.0).astype(np.float32)[..., None]
+    return jnp.asarray(x), jnp.asarray(data.target[:128])
+
+
+class DigitsNet(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        x = linen.relu(linen.Conv(4, (3, 3), padding="VALID")(x))
+        return linen.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def _train(tx, steps=12):
+    x, y = _digits()
+    model = DigitsNet()
+    params = model.init(jax.random.key(0), x[:1])
+    state = tx.init(params)
+
+    def loss_fn(p):
+        logits = model.apply(p, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    p, losses = params, []
+    for _ in range(steps):
+        p, state, loss = step(p, state)
+        losses.append(float(loss))
+    return params, p, losses
+
+
+def _unit_drift(w0, wt, dims):
+    """max |mean of (w_t - w_0) over each unit| relative to max |w_t - w_0|."""
+    delta = np.asarray(wt, np.float64) - np.asarray(w0, np.float64)
+    return np.abs(delta.mean(axis=dims)).max() / np.abs(delta).max()
+
+
+@pytest.mark.slow
+def test_digits_training_keeps_unit_means_fixed():
+    # Coupled decay is inside P(g + λw), so Eq. 4 holds with it too.
+    p0, pt, losses = _train(sgd_gc(0.1, momentum=0.9, weight_decay=1e-3))
+    assert losses[-1] < 0.7 * losses[0]
+    conv0, convt = p0["params"]["Conv_0"]["kernel"], pt["params"]["Conv_0"]["kernel"]
+    dense0, denset = p0["params"]["Dense_0"]["kernel"], pt["params"]["Dense_0"]["kernel"]
+    assert _unit_drift(conv0, convt, (0, 1, 2)) < 1e-5  # Eq. 4, per output channel
+    assert _unit_drift(dense0, denset, (0,)) < 1e-5
+    # Without GC the unit means move: the check above can fail.
+    q0, qt, _ = _train(optax.sgd(0.1, momentum=0.9))
+    assert (
+        _unit_drift(q0["params"]["Dense_0"]["kernel"], qt["params"]["Dense_0"]["kernel"], (0,))
+        > 1e-3
+    )
