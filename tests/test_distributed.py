@@ -168,3 +168,37 @@ def test_gc_cost_dense_model_is_free() -> None:
     rows = gc_cost(net, "conv")
     assert [(r.name, r.path, r.bytes) for r in rows] == [("0.weight", "dense", 0)]
     assert [r.name for r in gc_cost(net, "all")] == ["0.weight", "2.weight"]
+
+
+def test_optimizer_state_round_trips_between_index_and_name_keys() -> None:
+    from gradcent.experiments.distributed_run import by_index, by_name, param_names
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD([{"params": net[1].parameters()}, {"params": net[0].parameters()}],
+                          lr=0.1, momentum=0.9)
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    names = param_names(net, opt)
+    assert names == ["1.weight", "1.bias", "0.weight", "0.bias"]
+    state = opt.state_dict()
+    named = by_name(state, names)
+    assert named["param_groups"][1]["params"] == ["0.weight", "0.bias"]
+    assert named["state"]["0.weight"]["momentum_buffer"] is state["state"][2]["momentum_buffer"]
+    back = by_index(named, names)
+    assert back["param_groups"] == state["param_groups"]
+    assert back["state"].keys() == state["state"].keys()
+
+
+def test_local_batch_and_setup_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradcent.experiments.distributed_run import DistRun, current, setup
+
+    assert DistRun("ddp", 1, 4).local_batch(64) == 16
+    with pytest.raises(ValueError, match="not divisible by the 3 ranks"):
+        DistRun("fsdp", 0, 3).local_batch(64)
+    with pytest.raises(ValueError, match="Invalid --distributed 'zero'"):
+        setup("zero")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="needs torchrun"):
+        setup("fsdp")
+    assert setup("none") is current() and not current().active and current().is_main

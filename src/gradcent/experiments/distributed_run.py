@@ -1,0 +1,260 @@
+"""The harness under ``torchrun``: DDP or FSDP2 on every rank, one set of files on rank 0.
+
+``torchrun --nproc_per_node=N -m gradcent train ... --distributed ddp|fsdp`` starts
+N copies of the command; :func:`setup` joins them into one process group and
+makes a :class:`DistRun` the active run, which the training loop consults at
+five points:
+
+* the model is wrapped (DDP, or FSDP2 on every layer that owns parameters)
+  before the optimizer is built, so GC plans the parameters the optimizer sees;
+* each rank reads its part of every epoch through a ``DistributedSampler``
+  seeded by ``(seed, epoch)``; ``--batch-size`` stays the *global* batch (each
+  rank takes ``batch_size / N``), so a run means the same optimization at any
+  world size and resumes under another one;
+* metrics are averaged over ranks with one all-reduce (every rank sees the
+  same number of samples: the sampler pads with up to N − 1 repeats, which FSDP
+  needs, since every rank must run the same number of forward passes);
+* checkpoints hold full, unsharded state dicts in torch's own format, gathered
+  with ``torch.distributed.checkpoint.state_dict`` and written by rank 0 only,
+  so they resume under the same, another, or no world size;
+* only rank 0 logs and writes files.
+
+One process, ``--distributed none`` (the default), leaves everything as it was.
+
+References:
+    Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel
+    Training", VLDB 2020 (DDP); Zhao et al., VLDB 2023 (FSDP).
+
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+KINDS = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class DistRun:
+    """Where this process stands in the run.
+
+    Attributes:
+        kind: ``"none"``, ``"ddp"`` or ``"fsdp"``.
+        rank: this process's rank (0 without torchrun).
+        world: the number of processes.
+        local_rank: the rank on this machine (picks the GPU).
+
+    """
+
+    kind: str = "none"
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        """True when the model is wrapped and data is split across ranks."""
+        return self.kind != "none"
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that logs and writes files."""
+        return self.rank == 0
+
+    def local_batch(self, batch_size: int) -> int:
+        """Each rank's share of the global batch.
+
+        Raises:
+            ValueError: the global batch does not split evenly.
+
+        """
+        if batch_size % self.world:
+            raise ValueError(f"Invalid --batch-size {batch_size}: not divisible by the "
+                             f"{self.world} ranks (it is the global batch)")
+        return batch_size // self.world
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """DDP or FSDP2 around ``model``; build the optimizer after this."""
+        if self.kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index if device.index is not None else self.local_rank] \
+                if device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        if self.kind == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from gradcent.distributed import fully_shard_model
+
+            mesh = init_device_mesh(device.type, (self.world,))
+            return fully_shard_model(model, mesh)
+        return model
+
+    def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> Any:
+        """A ``DistributedSampler`` for this rank, or None when not distributed."""
+        if not self.active:
+            return None
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
+                                  shuffle=shuffle, seed=seed, drop_last=False)
+
+    def mean(self, values: Sequence[float]) -> list[float]:
+        """The mean of each value over the ranks (one all-reduce)."""
+        if not self.active:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        """The full model state dict (torch's keys), on rank 0; {} elsewhere."""
+        if not self.active:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_options())
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The full optimizer state dict in torch's index-keyed format, on rank 0."""
+        if not self.active:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer, options=_full_options())
+        return by_index(state, param_names(model, optimizer)) if self.is_main else {}
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict) -> None:
+        """Load a checkpoint of any world size (every rank reads the full state)."""
+        if not self.active:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        # Both setters replace the tensors of the dicts they are given by shards:
+        # hand them copies, so the caller's checkpoint stays whole.
+        set_model_state_dict(model, dict(ckpt["model"]), options=options)
+        state = by_name(ckpt["optimizer"], param_names(model, optimizer))
+        set_optimizer_state_dict(model, optimizer, state, options=options)
+
+    def barrier(self) -> None:
+        """Wait for every rank (rank 0 finishing its files before the others go on)."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Unsharded tensors on the CPU of rank 0 only: the file does not depend on
+    # the world size, and no rank holds more than one full copy in memory.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of every optimizer parameter, in the optimizer's order.
+
+    Names are the unwrapped model's (DDP's ``module.`` prefix removed; FSDP2
+    keeps the names), the keys ``get_optimizer_state_dict`` uses.
+    """
+    names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def by_index(state: dict, names: list[str]) -> dict:
+    """A name-keyed optimizer state dict in torch's index-keyed format."""
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def by_name(state: dict, names: list[str]) -> dict:
+    """Torch's index-keyed optimizer state dict, keyed by parameter name."""
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: dict(s) for i, s in state["state"].items()},
+            "param_groups": groups}
+
+
+_CURRENT = DistRun()
+
+
+def current() -> DistRun:
+    """The active run (a one-process run unless :func:`setup` made another)."""
+    # Process-wide like torch's default process group, which it describes.
+    return _CURRENT
+
+
+def setup(kind: str, device: str = "auto") -> DistRun:
+    """Join the torchrun process group and make the run active.
+
+    Args:
+        kind: ``"none"``, ``"ddp"`` or ``"fsdp"``.
+        device: the run's device option; CUDA uses NCCL on ``LOCAL_RANK``'s
+            GPU, the CPU uses gloo.
+
+    Returns:
+        The active :class:`DistRun`.
+
+    Raises:
+        ValueError: an unknown kind, or ddp/fsdp without torchrun's environment.
+
+    References:
+        torch.distributed.run (torchrun) environment variables.
+
+    """
+    global _CURRENT
+    if kind not in KINDS:
+        raise ValueError(f"Invalid --distributed {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind == "none":
+        _CURRENT = DistRun()
+        return _CURRENT
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--distributed {kind} needs torchrun: torchrun --nproc_per_node=N "
+                         "-m gradcent ...")
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device in ("cuda", "auto") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    _CURRENT = DistRun(kind, dist.get_rank(), dist.get_world_size(), local_rank)
+    return _CURRENT
+
+
+def teardown() -> None:
+    """Leave the process group (every rank), and go back to a one-process run."""
+    global _CURRENT
+    if _CURRENT.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    _CURRENT = DistRun()
