@@ -187,3 +187,54 @@ def test_detection_step_and_eval_sum_the_loss_dict():
     loss_sum, correct, n = train_step(model, next(iter(loader)), opt, torch.device("cpu"),
                                       task="detection")
     assert (correct, n) == (0, 4) and loss_sum == pytest.approx(4 * expected, rel=1e-6)
+
+
+class _Oracle(nn.Module):
+    """Predicts the ground-truth boxes it is given at construction (AP must be 100)."""
+
+    def __init__(self, boxes):
+        super().__init__()
+        self.boxes = boxes
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images, targets=None):
+        if self.training:
+            return {"loss": self.w * 0 + 1.0}
+        return [{"boxes": self.boxes[i], "labels": torch.ones(len(self.boxes[i]), dtype=torch.long),
+                 "scores": torch.ones(len(self.boxes[i]))} for i in range(len(images))]
+
+
+def test_coco_bbox_ap_with_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+
+    boxes = [torch.tensor([[2.0, 3.0, 12.0, 15.0]]), torch.tensor([[1.0, 1.0, 6.0, 9.0],
+                                                                   [8.0, 8.0, 18.0, 19.0]])]
+    anns, k = [], 1
+    for i, bs in enumerate(boxes):
+        for x1, y1, x2, y2 in bs.tolist():
+            anns.append({"id": k, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+            k += 1
+    doc = {"images": [{"id": i + 1, "width": 20, "height": 20} for i in range(2)],
+           "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+
+    class Coco(torch.utils.data.Dataset):
+        coco = COCO(str(tmp_path / "ann.json"))
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 20, 20), {"boxes": boxes[i], "image_id": i + 1,
+                                            "labels": torch.ones(len(boxes[i]), dtype=torch.long)}
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(Coco(), [0, 1]), batch_size=2,
+        collate_fn=lambda b: tuple(zip(*b, strict=True)))
+    out = evaluate(_Oracle(boxes), loader, torch.device("cpu"), task="detection")
+    assert out["test_ap"] == pytest.approx(100.0)
+    assert out["test_loss"] == pytest.approx(1.0)
+    shifted = [b + 4.0 for b in boxes]  # boxes moved by 4 px: IoU < 0.5 for the small ones
+    out = evaluate(_Oracle(shifted), loader, torch.device("cpu"), task="detection")
+    assert 0 <= out["test_ap"] < 60

@@ -309,6 +309,8 @@ def _coco_ap(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
         outputs = model(_to(list(images), device))
         for out, tgt in zip(outputs, targets, strict=True):
             image_id = int(tgt["image_id"])
+            if image_id < 0:  # an image without annotations has no COCO id to score
+                continue
             ids.append(image_id)
             boxes = out["boxes"].cpu()
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
