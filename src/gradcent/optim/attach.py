@@ -29,7 +29,7 @@ class GCHandle:
         self.plan = centralizer.plan
         self.where = centralizer.where
         self._hooks = [
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: centralizer.before(opt)),
+            optimizer.register_step_pre_hook(_pre_hook(centralizer)),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: centralizer.after(opt)),
         ]
 
@@ -57,6 +57,32 @@ class GCHandle:
 
     def __repr__(self) -> str:
         return f"GCHandle({type(self.optimizer).__name__}, where={self.where!r}, {self.plan!r})"
+
+
+def _pre_hook(centralizer: Centralizer):
+    """Step pre-hook: GC now, or right after the closure when ``step`` gets one.
+
+    ``step(closure)`` (Lightning's automatic optimization, for one) computes the
+    gradients inside the step, after pre-hooks run: GC must wait for the closure.
+    """
+
+    def hook(opt, args, kwargs):
+        # torch passes step's own args here, ``self`` first
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None or centralizer.where != "gradient":
+            centralizer.before(opt)
+            return None
+
+        def centred_closure():
+            loss = closure()
+            centralizer.before(opt)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": centred_closure}
+        return (args[0], centred_closure, *args[2:]), kwargs
+
+    return hook
 
 
 def attach(
