@@ -1,0 +1,276 @@
+"""attach() and the named optimizers around the step: checkpoints, closures, hooks, failures."""
+
+import copy
+import importlib
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import gradcent
+from gradcent import centralize
+
+
+def _net(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).to(
+        dtype
+    )
+
+
+def _batch(step, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(6, 2, 5, 5, generator=gen, dtype=dtype), torch.randn(
+        6, 3, generator=gen, dtype=dtype
+    )
+
+
+def _train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        x, y = _batch(step, next(model.parameters()).dtype)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _same(ma, mb):
+    return all(torch.equal(a, b) for a, b in zip(ma.parameters(), mb.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- state_dict
+
+
+def _groups(model, gc_first):
+    conv, lin = model[0], model[3]
+    return [
+        {"params": list(conv.parameters()), "gc": gc_first},
+        {"params": list(lin.parameters()), "lr": 0.05},
+    ]
+
+
+def test_state_dict_round_trip_with_per_group_gc():
+    ma, mb = _net(), _net()
+    a = gradcent.SGD(_groups(ma, "conv"), lr=0.1, momentum=0.9, weight_decay=1e-2, model=ma)
+    _train(ma, a, 4)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    mb.load_state_dict(ma.state_dict())
+    b = gradcent.SGD(_groups(mb, "fc"), lr=0.1, momentum=0.9, weight_decay=1e-2, model=mb)
+    b.load_state_dict(state)
+    assert [g["gc"] for g in b.param_groups] == ["conv", "all"]
+    assert [g["lr"] for g in b.param_groups] == [0.1, 0.05]
+    _train(ma, a, 4, start=4)
+    _train(mb, b, 4, start=4)
+    assert _same(ma, mb)
+
+
+def test_plain_torch_state_into_gradcent_and_back():
+    straight, hopping = _net(), _net()
+    t = torch.optim.SGD(straight.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    _train(straight, t, 9)
+
+    first = torch.optim.SGD(hopping.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    _train(hopping, first, 3)
+    middle = gradcent.SGD(hopping.parameters(), lr=0.1, gc=None)
+    middle.load_state_dict(first.state_dict())
+    assert middle.param_groups[0]["gc"] is None  # no "gc" key in torch's state: keep ours
+    assert middle.param_groups[0]["momentum"] == 0.9
+    _train(hopping, middle, 3, start=3)
+    last = torch.optim.SGD(hopping.parameters(), lr=0.1)
+    last.load_state_dict(middle.state_dict())
+    _train(hopping, last, 3, start=6)
+    assert _same(straight, hopping)
+
+
+def test_plain_torch_state_keeps_the_gc_mode_of_the_loader():
+    model = _net()
+    t = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _train(model, t, 2)
+    g = gradcent.Adam(model.parameters(), lr=1e-3, gc="fc", model=model)
+    g.load_state_dict(t.state_dict())
+    assert g.param_groups[0]["gc"] == "fc"
+    for k, v in t.state_dict()["state"][0].items():
+        assert torch.equal(g.state_dict()["state"][0][k], v)
+
+
+def test_add_param_group_with_its_own_mode():
+    model = _net()
+    opt = gradcent.SGD(model[0].parameters(), lr=0.1, model=model)
+    opt.add_param_group({"params": list(model[3].parameters()), "gc": None})
+    assert [g["gc"] for g in opt.param_groups] == ["all", None]
+    w0 = model[3].weight.detach().clone()
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    g = model[3].weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model[3].weight.detach(), w0 - 0.1 * g)  # not centred
+    with pytest.raises(ValueError, match="Invalid GC mode: 'everything'"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2, 2))], "gc": "everything"})
+
+
+# ---------------------------------------------------------------- hooks and removal
+
+
+def test_remove_restores_plain_behaviour():
+    ma, mb = _net(), _net()
+    a = torch.optim.SGD(ma.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    b = torch.optim.SGD(mb.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    handle = gradcent.attach(a, ma)
+    _train(ma, a, 2)
+    _train(mb, b, 2)
+    assert not _same(ma, mb)
+    mb.load_state_dict(ma.state_dict())
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # torch aliases loaded tensors
+    handle.remove()
+    handle.remove()  # idempotent
+    _train(ma, a, 3, start=2)
+    _train(mb, b, 3, start=2)
+    assert _same(ma, mb)
+    assert a.param_groups[0]["weight_decay"] == 1e-2
+
+
+def test_handle_reports_its_plan():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = gradcent.attach(opt, model, mode="conv")
+    assert "where='gradient'" in repr(handle) and "1/4 parameters centralized" in repr(handle)
+    assert [row[3] != "skip" for row in handle.plan.describe()] == [True, False, False, False]
+
+
+def test_two_handles_on_one_optimizer_centre_once():
+    # P is idempotent, so a second attach changes nothing.
+    ma, mb = _net(), _net()
+    a = torch.optim.SGD(ma.parameters(), lr=0.1)
+    b = torch.optim.SGD(mb.parameters(), lr=0.1)
+    gradcent.attach(a, ma)
+    gradcent.attach(b, mb)
+    gradcent.attach(b, mb)
+    _train(ma, a, 2)
+    _train(mb, b, 2)
+    for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- failures inside a step
+
+
+@pytest.mark.parametrize("how", ["named", "attach", "attach-update"])
+def test_exception_inside_step_leaves_settings_and_next_steps_sound(how, monkeypatch):
+    ma, mb = _net(), _net()
+    if how == "named":
+        a = gradcent.SGD(ma.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, model=ma)
+        b = gradcent.SGD(mb.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, model=mb)
+    else:
+        where = "update" if how == "attach-update" else "gradient"
+        a = torch.optim.SGD(ma.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        b = torch.optim.SGD(mb.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        gradcent.attach(a, ma, where=where)
+        gradcent.attach(b, mb, where=where)
+    # torch's own update raises mid-step, after GC has run.
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure inside the update")
+
+    x, y = _batch(0)
+    nn.functional.mse_loss(ma(x), y).backward()
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.import_module("torch.optim.sgd"), "sgd", boom)
+        with pytest.raises(RuntimeError, match="injected"):
+            a.step()
+    assert a.param_groups[0]["weight_decay"] == 0.1
+    assert a.state_dict()["param_groups"][0]["weight_decay"] == 0.1
+    # Both restart from the same weights and state: the failed step leaves no trace.
+    mb.load_state_dict(ma.state_dict())
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # torch aliases loaded tensors
+    _train(ma, a, 3, start=1)
+    _train(mb, b, 3, start=1)
+    assert _same(ma, mb)
+
+
+def test_error_raised_by_gc_itself_leaves_settings_intact():
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1, weight_decay=0.0)
+    gradcent.attach(opt, emb, embeddings=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="'weight' has a sparse gradient"):
+        opt.step()
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+
+
+# ---------------------------------------------------------------- closures
+
+
+def test_named_optimizer_closure_runs_once_before_gc():
+    ma, mb = _net(), _net()
+    a = gradcent.SGD(ma.parameters(), lr=0.1, model=ma)
+    x, y = _batch(0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        a.zero_grad()
+        loss = nn.functional.mse_loss(ma(x), y)
+        loss.backward()
+        return loss
+
+    loss = a.step(closure)
+    assert len(calls) == 1 and torch.is_tensor(loss)
+    nn.functional.mse_loss(mb(x), y).backward()
+    with torch.no_grad():
+        for p in mb.parameters():
+            g = centralize(p.grad) if p.dim() > 1 else p.grad
+            p -= 0.1 * g
+    for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_lbfgs_with_update_projection():
+    model = _net()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    with pytest.raises(ValueError, match="where='update'"):
+        gradcent.attach(opt, model)
+    gradcent.attach(opt, model, where="update")
+    x, y = _batch(0)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = closure().item()
+    opt.zero_grad(set_to_none=True)  # the first step starts without gradients
+    for _ in range(4):
+        opt.step(closure)
+    assert closure().item() < 0.9 * first
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            d = (p - w0[name]).detach()
+            unit_mean = d.flatten(1).mean(1).abs()
+            assert (unit_mean <= 1e-5 * d.flatten(1).abs().amax(1)).all(), name
+
+
+# ---------------------------------------------------------------- loss scaling
+
+
+@pytest.mark.parametrize("cls", [gradcent.Adam, gradcent.SGD, gradcent.Adagrad])
+def test_fused_grad_scaler_path_folds_decay_at_the_right_scale(cls):
+    # With fused=True, GradScaler hands step() still-scaled gradients (s·g) and
+    # the kernel unscales: GC must fold λw scaled alike.
+    kw = {"lr": 0.05, "weight_decay": 0.1}
+    ma, mb = _net(), _net()
+    a = cls(ma.parameters(), fused=True, model=ma, **kw)
+    b = cls(mb.parameters(), fused=False, model=mb, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(3):
+        x, y = _batch(step)
+        a.zero_grad()
+        scaler.scale(nn.functional.mse_loss(ma(x), y)).backward()
+        scaler.step(a)
+        scaler.update()
+        _train(mb, b, 1, start=step)
+    for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
