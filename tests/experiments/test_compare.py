@@ -64,7 +64,9 @@ def test_sweep_points_and_table(tmp_path):
     cfg = _cfg(seeds=(0,), epochs=1, sweep={"lr=0.01": {"lr": 0.01}, "lr=0.1": {"lr": 0.1}})
     points = sweep_points(cfg)
     assert [(n, c.lr) for n, c in points] == [("lr=0.01", 0.01), ("lr=0.1", 0.1)]
-    out = run_compare(cfg, tmp_path, log=None, progress=False)
+    lines = []
+    out = run_compare(cfg, tmp_path, log=lines.append, progress=True)  # bar + log lines
+    assert len(lines) == 4 and all("epoch 1/1" in line for line in lines)
     assert [(r["point"], r["variant"]) for r in out.rows] == [
         ("lr=0.01", "baseline"), ("lr=0.01", "gc"), ("lr=0.1", "baseline"), ("lr=0.1", "gc")]
     assert sorted(p.name for p in out.plots) == ["curves-lr=0.01.png", "curves-lr=0.1.png"]

@@ -112,6 +112,13 @@ def run_compare(
             for v in cfg.variants for s in cfg.seeds]
     if progress is None:
         progress = not cfg.quiet and sys.stderr.isatty()
+    if progress and log is not None:
+        plain_log = log
+
+        def log(line: str) -> None:
+            with tqdm.external_write_mode():  # print above the bar, not through it
+                plain_log(line)
+
     results = []
     for point, pcfg, variant, seed in tqdm(jobs, desc="runs", disable=not progress):
         rdir = run_dir(out, point, variant, seed)
