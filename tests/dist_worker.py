@@ -23,9 +23,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradcent
 from gradcent.distributed import fully_shard_model, gc_cost
 
+# SGD runs whose momentum buffers are checked for zero unit means ("none": a control).
+MEANS_MODE = {"sgd-all": "all", "sgd-conv": "conv", "sgd-fc": "fc", "sgd-fused": "all",
+              "none": "all"}
 STEPS = 3
 GLOBAL_BATCH = 8
-OPTIMIZERS = ("sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update", "none")
+OPTIMIZERS = ("sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update", "none",
+              "sgd-fused", "adamw-fused")
 
 
 def make_model() -> nn.Sequential:
@@ -53,6 +57,11 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())
+    if name == "sgd-fused":  # the kernels on each local shard; ConvTranspose via all-reduce
+        return gradcent.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, model=model,
+                            impl="fused")
+    if name == "adamw-fused":
+        return gradcent.AdamW(params, lr=1e-2, weight_decay=1e-2, model=model, impl="fused")
     if name.startswith("sgd-"):
         mode = name.split("-", 1)[1]
         return gradcent.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, gc=mode, model=model)
@@ -178,10 +187,9 @@ def main(out_file: str) -> None:
             costs = [None] * world
             dist.all_gather_object(costs, gc_cost(fsdp, "all"))
             results["cost"] = costs
-        if opt_name.startswith("sgd-") or opt_name == "none":
-            mode = opt_name.split("-")[1] if opt_name != "none" else "all"  # none: a control
+        if opt_name in MEANS_MODE:
             means = [None] * world
-            dist.all_gather_object(means, unit_means(fsdp, opt, mode))
+            dist.all_gather_object(means, unit_means(fsdp, opt, MEANS_MODE[opt_name]))
             results[("means", opt_name)] = means
     rows = [None] * world
     dist.all_gather_object(rows, local_rows(fsdp))
@@ -209,5 +217,9 @@ def main(out_file: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    # impl="fused" runs its kernels' Python eagerly here: what is under test is its
+    # DTensor handling (local shards, the cross-shard ĝ); compiling them twice
+    # on a shared CPU would take minutes, and tests/test_fused.py covers them.
+    torch.compiler.set_stance("force_eager")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(sys.argv[1])

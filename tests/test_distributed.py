@@ -20,7 +20,8 @@ import torch
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-OPTIMIZERS = ("sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update", "none")
+OPTIMIZERS = ("sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update", "none",
+              "sgd-fused", "adamw-fused")
 WORLD = 2
 
 
@@ -82,7 +83,9 @@ def test_parameters_equal_single_process(results: dict, how: str, opt: str) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opt", ["sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update"])
+@pytest.mark.parametrize(
+    "opt", ["sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update", "adamw-fused"]
+)
 def test_gc_changed_the_run(results: dict, opt: str) -> None:
     # Otherwise the equality above would hold even if GC were skipped under DTensors.
     ref, plain = results[("ref", opt)], results[("ref", "none")]
@@ -90,6 +93,13 @@ def test_gc_changed_the_run(results: dict, opt: str) -> None:
         plain = results[("ref", "sgd-all")]  # another optimizer: only shows it ran
     diff = max((ref[n] - plain[n]).abs().max().item() for n in ref)
     assert diff > 1e-3
+
+
+@pytest.mark.slow
+def test_fused_equals_default(results: dict) -> None:
+    ref, fused = results[("ref", "sgd-all")], results[("ref", "sgd-fused")]
+    for name in ref:
+        torch.testing.assert_close(fused[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
@@ -109,6 +119,7 @@ def test_shards_are_uneven_and_empty(results: dict) -> None:
         ("sgd-all", {"0.weight", "2.weight", "5.weight", "7.weight"}),
         ("sgd-conv", {"0.weight", "2.weight"}),
         ("sgd-fc", {"5.weight", "7.weight"}),
+        ("sgd-fused", {"0.weight", "2.weight", "5.weight", "7.weight"}),
     ],
 )
 def test_unit_means_zero_on_every_shard(results: dict, opt: str, planned: set) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradcent.core import centralize
+from gradcent.core import _is_dtensor, centralize
 from gradcent.optim._engine import has_coupled_decay
 from gradcent.rules import Spec
 
@@ -353,6 +353,14 @@ def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") ->
             state, first = _state_tensors(optimizer, kind, group, p)
             row = _row(kind, optimizer, group, p, first, l2, mul)
             pd = p.detach()
+            if _is_dtensor(pd):
+                # FSDP2: the kernels run on this rank's shard (a DTensor has no
+                # storage to alias). Units split across shards get ĝ from
+                # centralize's all-reduce first, then a plain update.
+                if spec is not None and _splits_units(pd, spec):
+                    g = centralize(g + row[_slot(kind, "l2")] * pd, spec.dims, spec.groups)
+                    row[_slot(kind, "l2")], spec = 0.0, None
+                pd, g, state = pd.to_local(), g.to_local(), [t.to_local() for t in state]
             if _fast(pd, [g, *state], spec):
                 centre = spec is not None
                 cols = [_rows(t, centre) for t in (pd, g, *state)]
@@ -371,6 +379,13 @@ def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") ->
             batch.centres.append(centre)
         for (device, _), batch in batches.items():
             _launch(kind, group, batch, _scalars(batch.rows, device), strategy)
+
+
+def _splits_units(t: Tensor, spec: Spec) -> bool:
+    """True when a mesh dim shards one of the dims a unit spans (DTensor ``t``)."""
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(pl, Shard) and pl.dim in spec.dims for pl in t.placements)
 
 
 def _slot(kind: str, name: str) -> int:
