@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -246,6 +247,10 @@ def setup(kind: str, device: str = "auto") -> DistRun:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     _CURRENT = DistRun(kind, dist.get_rank(), dist.get_world_size(), local_rank)
+    if not _CURRENT.is_main:
+        # Rank 0 alone logs (as torchvision's reference scripts do); errors and
+        # warnings still reach every rank's stderr.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     return _CURRENT
 
 
@@ -257,4 +262,6 @@ def teardown() -> None:
 
         dist.barrier()
         dist.destroy_process_group()
+        if not _CURRENT.is_main:
+            sys.stdout = sys.__stdout__
     _CURRENT = DistRun()
