@@ -29,9 +29,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,16 @@ class DistRun:
         state = by_name(ckpt["optimizer"], param_names(model, optimizer))
         set_optimizer_state_dict(model, optimizer, state, options=options)
 
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a default output folder's timestamp)."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         """Wait for every rank (rank 0 finishing its files before the others go on)."""
         if self.active:
@@ -254,14 +265,45 @@ def setup(kind: str, device: str = "auto") -> DistRun:
     return _CURRENT
 
 
-def teardown() -> None:
-    """Leave the process group (every rank), and go back to a one-process run."""
+def teardown(wait: bool = True) -> None:
+    """Leave the process group and go back to a one-process run.
+
+    Args:
+        wait: first wait for every rank (a clean finish); False after an error,
+            when the other ranks may never arrive.
+
+    """
     global _CURRENT
     if _CURRENT.active:
         import torch.distributed as dist
 
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
         if not _CURRENT.is_main:
             sys.stdout = sys.__stdout__
     _CURRENT = DistRun()
+
+
+@contextlib.contextmanager
+def launched(kind: str, device: str = "auto") -> Iterator[DistRun]:
+    """:func:`setup` on entry, :func:`teardown` on exit (no waiting after an error).
+
+    Args:
+        kind: ``"none"``, ``"ddp"`` or ``"fsdp"``.
+        device: the run's device option.
+
+    Yields:
+        The active :class:`DistRun`.
+
+    References:
+        torch.distributed.run (torchrun).
+
+    """
+    run = setup(kind, device)
+    try:
+        yield run
+    except BaseException:
+        teardown(wait=False)
+        raise
+    teardown()
