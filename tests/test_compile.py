@@ -8,8 +8,9 @@ What Dynamo sees (torch 2.14, default config), for one step
   ``torch.optim.optimizer._use_grad`` / ``zero_grad`` (skipped on purpose).
 * ``gradcent.SGD``: the same, plus exactly one: torch's deliberate
   ``graph_break()`` in ``_use_grad`` now lands inside ``GCMixin.step``'s
-  ``try/finally`` (which restores a folded ``weight_decay`` even if the step
-  raises); Dynamo cannot resume inside a ``try`` block, so it reports
+  ``try/finally`` (which runs GC's post-step work, e.g. the update projection
+  of ``where="update"``, even if the step raises); Dynamo cannot resume inside
+  a ``try`` block, so it reports
   ``step_unsupported`` there and runs the rest of that frame eagerly. GC's own
   code (plan lookups, ``centralize_``) adds no break.
 * ``attach``: the same one extra break, reported at torch's ``graph_break()``
@@ -95,7 +96,7 @@ def test_compiled_training_step_matches_eager(cls):
         torch.testing.assert_close(compiled(), eager())
     for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
-    assert opt_c.param_groups[0]["weight_decay"] == 1e-3  # restored after each step
+    assert opt_c.param_groups[0]["weight_decay"] == 1e-3  # the user's value throughout
     if cls is gradcent.SGD:  # Eq. 4: SGD keeps each unit's mean at its start value
         delta = compiled_model[3].weight.detach() - w0
         assert delta.abs().max() > 1e-4
