@@ -23,18 +23,21 @@ from torch import nn
 
 from gradcent.experiments.ws import convert_to_ws
 
-NORMS = ("bn", "gn", "none")
+NORMS = ("bn", "gn", "frozenbn", "none")
 NormFactory = Callable[[int], nn.Module]
 
 
 def norm_layer(norm: str) -> NormFactory:
-    """A factory ``channels -> norm module`` for ``"bn"``, ``"gn"`` or ``"none"``.
+    """A factory ``channels -> norm module`` for ``"bn"``, ``"gn"``, ``"frozenbn"``, ``"none"``.
 
     GN uses 32 groups as in Wu & He 2018 (and the paper's R50GN); a layer whose
     width is not a multiple of 32 gets the largest group count dividing it.
+    ``frozenbn`` is BN with fixed statistics and affine parameters, as detectors
+    use it with 2 images per GPU (§5.6); it loads a BN checkpoint unchanged.
 
     Args:
-        norm: ``"bn"`` (BatchNorm2d), ``"gn"`` (GroupNorm(32)) or ``"none"``.
+        norm: ``"bn"`` (BatchNorm2d), ``"gn"`` (GroupNorm(32)), ``"frozenbn"``
+            (torchvision's FrozenBatchNorm2d) or ``"none"``.
 
     Returns:
         A callable building the normalisation layer for a number of channels.
@@ -50,6 +53,10 @@ def norm_layer(norm: str) -> NormFactory:
         return nn.BatchNorm2d
     if norm == "gn":
         return lambda c: nn.GroupNorm(math.gcd(32, c), c)
+    if norm == "frozenbn":
+        from torchvision.ops import FrozenBatchNorm2d
+
+        return FrozenBatchNorm2d
     if norm == "none":
         return lambda c: nn.Identity()
     raise ValueError(f"Invalid norm: {norm!r} (valid: {', '.join(NORMS)})")
@@ -428,7 +435,8 @@ def load_pretrained(model: nn.Module, path: str) -> nn.Module:
     Args:
         model: the freshly built model (its classifier is freshly initialized).
         path: a ``torch.save``-d state_dict, or a dict with ``"model"`` or
-            ``"state_dict"`` holding one.
+            ``"state_dict"`` holding one. For a detector, an ImageNet ResNet
+            checkpoint (e.g. torchvision's ``resnet50-*.pth``) fills its backbone.
 
     Returns:
         The model, loaded in place (``strict=False``).
@@ -443,6 +451,10 @@ def load_pretrained(model: nn.Module, path: str) -> nn.Module:
     """
     state = _read_state_dict(path)
     own = model.state_dict()
+    if not set(state) & set(own) and any(k.startswith("backbone.body.") for k in own):
+        # An ImageNet classifier checkpoint for a detector: it is the backbone's body
+        # (its fc.* keys match nothing and are ignored).
+        state = {"backbone.body." + k: v for k, v in state.items()}
     heads = _head_prefixes(model)
     keep = {}
     for key, value in state.items():
@@ -498,7 +510,7 @@ def build_model(
         name: one of :func:`model_names`.
         num_classes: classifier outputs (detection: including background).
         in_channels: input image channels.
-        norm: ``"bn"``, ``"gn"`` (GroupNorm(32)) or ``"none"``.
+        norm: ``"bn"``, ``"gn"`` (GroupNorm(32)), ``"frozenbn"`` or ``"none"``.
         ws: replace every Conv2d by a weight-standardized :class:`WSConv2d`.
         pretrained: path of a checkpoint to load; a classifier of another size
             is left freshly initialized (see :func:`load_pretrained`).
