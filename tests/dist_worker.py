@@ -147,6 +147,14 @@ def core_checks(mesh, rank: int) -> dict[str, float]:
                 gradcent.centralize_(d, dims, groups)
                 err = (d.full_tensor().float() - ref.float()).abs().max().item()
                 errs[f"{shape} dims={dims} g={groups} {pl} {dtype}"] = err
+    # HSDP-style 2-D mesh (replicate x shard): the all-reduce goes over mesh dim 1 only.
+    mesh2 = init_device_mesh("cpu", (1, mesh.size()), mesh_dim_names=("replicate", "shard"))
+    for pl in (Shard(0), Shard(1)):
+        full = torch.randn(6, 1, 2, 2)
+        ref = gradcent.centralize(full, (0, 2, 3), 3)
+        d = distribute_tensor(full.clone(), mesh2, [Replicate(), pl])
+        gradcent.centralize_(d, (0, 2, 3), 3)
+        errs[f"2d-mesh {pl}"] = (d.full_tensor() - ref).abs().max().item()
     # A pending sum (Partial) is centred summand by summand: P is linear.
     full = torch.randn(3, 4)
     d = DTensor.from_local(full * (rank + 1), mesh, [Partial()])
