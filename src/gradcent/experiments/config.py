@@ -74,7 +74,7 @@ class RunConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 64
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
