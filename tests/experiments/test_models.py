@@ -262,3 +262,22 @@ def test_detection_gn_and_bad_channels():
     assert model.transform.min_size == (64,)
     with pytest.raises(ValueError, match="in_channels"):
         build_model("fasterrcnn_resnet50_fpn", 3, in_channels=1)
+
+
+def test_frozen_bn_and_imagenet_backbone_checkpoint_for_detector(tmp_path):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    source = build_model("tv_resnet50", 1000)
+    with torch.no_grad():
+        source.bn1.running_mean.uniform_()
+    path = tmp_path / "resnet50.pth"
+    torch.save(source.state_dict(), path)
+    det = build_model("fasterrcnn_resnet50_fpn", 91, norm="frozenbn", pretrained=str(path))
+    body = det.backbone.body
+    torch.testing.assert_close(body.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(body.bn1.running_mean, source.bn1.running_mean)
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in det.modules())
+    # frozen BN has no parameters: its statistics and affine terms never train
+    assert not any("bn1" in n for n, _ in body.named_parameters())
