@@ -48,6 +48,34 @@ def parse_list(text: str) -> tuple[str, ...]:
     return items
 
 
+_SWEEP_TYPES = {"lr": float, "weight_decay": float, "momentum": float, "gamma": float,
+                "batch_size": int, "epochs": int, "optimizer": str, "gc_mode": str,
+                "norm": str, "model": str}
+
+
+def parse_sweep(text: str) -> dict[str, dict[str, Any]]:
+    """``"lr=0.01,0.1"`` -> ``{"lr=0.01": {"lr": 0.01}, "lr=0.1": {"lr": 0.1}}``.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the bad option or value.
+
+    """
+    key, _, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if key not in _SWEEP_TYPES or not values.strip():
+        raise argparse.ArgumentTypeError(
+            f"invalid --sweep {text!r} (expected OPTION=V1,V2,... with OPTION one of "
+            f"{', '.join(sorted(_SWEEP_TYPES))})"
+        )
+    points = {}
+    for v in (v.strip() for v in values.split(",") if v.strip()):
+        try:
+            points[f"{key}={v}"] = {key: _SWEEP_TYPES[key](v)}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid --sweep value {v!r} for {key}") from None
+    return points
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -76,6 +104,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--optimizer", help="sgd, sgdw, adam, adamw, adagrad")
     p.add_argument("--gc-mode", help="GC mode of the gc variants: all, conv, fc")
+    p.add_argument("--sweep", type=parse_sweep,
+                   help="compare at each value, e.g. lr=0.01,0.1 or weight-decay=0,1e-4")
     p.add_argument("--device", help="cpu, cuda or auto")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch default; 1 default)")
@@ -104,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_OPTIONS = ("dataset", "data", "model", "norm", "ws", "pretrained", "variants", "seeds",
                    "epochs", "subset", "batch_size", "lr", "momentum", "weight_decay",
-                   "optimizer", "gc_mode", "device", "workers", "threads", "quiet")
+                   "optimizer", "gc_mode", "sweep", "device", "workers", "threads", "quiet")
 
 
 def resolve_config(args: argparse.Namespace) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gradcent.cli import build_parser, main, parse_seeds, resolve_config
+from gradcent.cli import build_parser, main, parse_seeds, parse_sweep, resolve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,15 +26,26 @@ def test_parse_seeds():
             parse_seeds(bad)
 
 
+def test_parse_sweep():
+    assert parse_sweep("lr=0.01,0.1") == {"lr=0.01": {"lr": 0.01}, "lr=0.1": {"lr": 0.1}}
+    assert parse_sweep("weight-decay=0,1e-4") == {
+        "weight_decay=0": {"weight_decay": 0.0}, "weight_decay=1e-4": {"weight_decay": 1e-4}}
+    for bad in ("seed=1,2", "lr=", "lr=fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--sweep"):
+            parse_sweep(bad)
+
+
 def test_options_resolve_into_the_config():
     args = build_parser().parse_args(
         ["compare", "--variants", "baseline,gcc", "--seeds", "3", "--epochs", "2", "--lr", "0.1",
-         "--weight-decay", "1e-4", "--batch-size", "16", "--optimizer", "adam", "--subset", "50"])
+         "--weight-decay", "1e-4", "--batch-size", "16", "--optimizer", "adam", "--subset", "50",
+         "--sweep", "gc-mode=all,conv"])
     cfg = resolve_config(args)
     assert (cfg.variants, cfg.seeds, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.batch_size,
             cfg.optimizer, cfg.subset) == (("baseline", "gcc"), (0, 1, 2), 2, 0.1, 1e-4, 16,
                                            "adam", 50)
     assert cfg.dataset == "digits" and cfg.model == "smallcnn"  # defaults kept
+    assert cfg.sweep == {"gc_mode=all": {"gc_mode": "all"}, "gc_mode=conv": {"gc_mode": "conv"}}
 
 
 @pytest.mark.parametrize(
