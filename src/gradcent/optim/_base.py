@@ -91,6 +91,8 @@ class GCMixin:
     def _init_impl(self, impl: str) -> None:
         """Validate ``impl=`` ("default": GC pass + torch's step; "fused": compiled)."""
         self.impl = check_impl(impl)
+        # Kept in defaults too: torch pickles/deep-copies only defaults, state, groups.
+        self.defaults["impl"] = self.impl
         if self.impl == "fused":
             check_fused_options(self)
 
@@ -113,7 +115,7 @@ class GCMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if getattr(self, "impl", "default") == "fused":
+        if self.defaults.get("impl", "default") == "fused":
             fused_step(self)
             return loss
         self._gc.before(self)
