@@ -23,6 +23,8 @@ def test_every_preset_is_consistent():
         for overrides in p.sweep.values():
             if "model" in overrides:
                 assert overrides["model"] in model_names()
+        if p.paper_key is not None:
+            assert list(p.sweep) == [p.paper_key]  # the report looks rows up by point name
         if p.paper_table is not None:
             keys = list(p.sweep) or [p.paper_key]
             if p.name != "table7":  # the generic fine-grained preset has no row

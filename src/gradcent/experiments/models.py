@@ -121,8 +121,9 @@ def _stem(in_channels: int, out_channels: int, kernel: int, stride: int) -> nn.C
 def cifar_resnet(depth: int, num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
     """ResNet-18/50/101 for 32x32 inputs: 3x3 stride-1 stem, no max pool.
 
-    torchvision's ResNet with the CIFAR stem is block-for-block the CIFAR ResNet
-    of the paper's code base (kuangliu/pytorch-cifar style), so we reuse it.
+    torchvision's ResNet with the CIFAR stem is block-for-block the common CIFAR
+    ResNet (kuangliu/pytorch-cifar layout, which the authors' released CIFAR code
+    follows), so we reuse it.
 
     Args:
         depth: 18, 50 or 101.
@@ -263,6 +264,9 @@ def vgg11(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module
 
 def densenet121(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
     """DenseNet-121 (growth 32, blocks 6-12-24-16) with a CIFAR 3x3 stem, no pool.
+
+    torchvision's DenseNet-121 with the stem conv replaced and its max pool
+    removed; it keeps torchvision's norm + ReLU after the stem.
 
     Args:
         num_classes: classifier outputs.

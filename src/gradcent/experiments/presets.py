@@ -39,7 +39,8 @@ class Preset:
         norm, ws: the model's normalisation and weight standardization.
         sweep: named override sets run one after another (empty: one point).
         paper_table: key into ``PAPER_RESULTS`` (None: the paper prints no numbers).
-        paper_key: the ``PAPER_RESULTS`` row of a preset without a sweep.
+        paper_key: the ``PAPER_RESULTS`` row of a single-setting preset (its
+            one sweep point carries the same name, so reports find the row).
         lr_pretrained: fine-tuning: lr of the pre-trained layers (``lr`` is then
             the new FC layer's rate).
         fine_grained: build the dataset with the fine-grained transforms (§5.5).
@@ -115,6 +116,8 @@ _COCO = {
     # checkpoint via --pretrained.
     "norm": "frozenbn",
     "paper_key": "r50",
+    # A one-point sweep named after the paper's row, so reports find its numbers.
+    "sweep": {"r50": {}},
 }
 _TABLE7 = {
     "dataset": "finegrained",
@@ -151,8 +154,8 @@ def _presets() -> dict[str, Preset]:
             name="demo",
             description=(
                 "Scikit-learn digits, small conv net, SGDM lr 0.05 momentum 0.9 wd 5e-4, "
-                "batch 64, 8 epochs, baseline vs GC: trains to ~98% in about a minute on "
-                "2 cores (measured; not a paper experiment)."
+                "batch 64, 8 epochs, baseline vs GC: ~98% test accuracy, under a second "
+                "per epoch on one core (measured here; not a paper experiment)."
             ),
             dataset="digits",
             model="smallcnn",
@@ -302,6 +305,7 @@ def _presets() -> dict[str, Preset]:
                 name=f"table7-{key}",
                 description=f"Table 7 (§5.5) on {title}; otherwise as preset 'table7'.",
                 paper_key=key,
+                sweep={key: {}},  # one point named after the paper's row
                 **_TABLE7,
             )
             for key, title in _FINE_GRAINED.items()
