@@ -118,7 +118,8 @@ def attach(
 
     Raises:
         TypeError: if ``optimizer`` is not a torch optimizer.
-        ValueError: for an unknown mode or ``where``, or LBFGS with
+        ValueError: for an unknown mode or ``where``, an optimizer from
+            ``gradcent.optim`` (it has its own ``gc=``), or LBFGS with
             ``where="gradient"`` (its closure recomputes gradients inside the
             step, after the pre-hook: use ``where="update"``).
 
@@ -134,6 +135,14 @@ def attach(
         name = type(optimizer).__name__
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {name}")
     mode = check_mode(mode)
+    if "gc" in optimizer.defaults:
+        # A gradcent optimizer's groups carry its own "gc" key, which attach
+        # would read as per-group modes: GC twice, or silently not at all.
+        raise ValueError(
+            f"{type(optimizer).__name__} is a gradcent optimizer that already applies GC "
+            f"(gc={optimizer.defaults['gc']!r}): set its gc= argument, or attach to the "
+            "torch.optim class instead"
+        )
     if isinstance(optimizer, torch.optim.LBFGS) and where == "gradient":
         raise ValueError(
             "LBFGS re-evaluates its closure inside step(), after GC would run: "
