@@ -31,14 +31,15 @@ LABELS = {
 }
 
 
-def _band(runs: Sequence[History], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Epochs, mean and sample std over runs (std 0 for a single run)."""
+def _band(runs: Sequence[History], metric: str
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, mean, sample std over runs (0 for a single run) and the per-epoch minimum."""
     length = min(len(h) for h in runs)
     values = np.array([[float(h[i].get(metric, math.nan)) for i in range(length)] for h in runs])
     epochs = np.array([int(runs[0][i]["epoch"]) for i in range(length)])
     mean = values.mean(axis=0)
     std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
-    return epochs, mean, std
+    return epochs, mean, std, values.min(axis=0)
 
 
 def _has(runs: Mapping[str, Sequence[History]], metric: str) -> bool:
@@ -77,9 +78,13 @@ def plot_curves(
         for name, hs in runs.items():
             if not hs:
                 continue
-            epochs, mean, std = _band(hs, metric)
+            epochs, mean, std, lowest = _band(hs, metric)
             (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{name} (n={len(hs)})")
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            low = mean - std
+            if metric.endswith("loss"):
+                # Log axis: mean - std can be <= 0; stop the band at the lowest run instead.
+                low = np.maximum(low, lowest)
+            ax.fill_between(epochs, low, mean + std, color=line.get_color(), alpha=0.2)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(LABELS.get(metric, metric))

@@ -184,7 +184,7 @@ def environment() -> dict[str, Any]:
             env[lib] = None
     import torch
 
-    env["torch_threads"] = torch.get_num_threads()
+    env["torch_default_threads"] = torch.get_num_threads()  # runs set cfg.threads
     env["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return env
 
