@@ -32,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -61,6 +62,11 @@ MODE_KIND: dict[str, str] = {
 }
 # Output axis of a transposed-conv kernel in the output-last families.
 _TRANSPOSE_OUT_AXIS = {"flax": -1, "haiku": -2, "keras": -2}
+# Parameter names that never hold a weight vector (biases, norm scales/offsets).
+_NOT_WEIGHTS = frozenset({"bias", "b", "scale", "offset", "gamma", "beta"})
+_EMBEDDINGS = frozenset({"embedding", "embeddings"})
+_KERNELS = frozenset({"kernel", "w", "weight"})
+_AUTONAME_SUFFIX = re.compile(r"_\d+$")
 
 
 def check_layout(layout: object) -> str:
@@ -235,3 +241,62 @@ def output_axes(ndim: int, spec: Spec) -> tuple[int, ...]:
 
     """
     return tuple(d for d in range(ndim) if d not in spec.dims)
+
+
+def _module_kind(module: str) -> str | None:
+    """The layer kind a module's (auto)name says: ``Conv_0``, ``conv2d_transpose_1``."""
+    base = _AUTONAME_SUFFIX.sub("", module.rsplit("/", 1)[-1]).lower().replace("_", "")
+    if "transpose" in base:
+        return "conv_transpose"
+    if "depthwise" in base:
+        return "depthwise"
+    if "conv" in base:
+        return "conv"
+    if base in ("dense", "linear"):
+        return "dense"
+    if base.startswith("embed"):
+        return "embedding"
+    return None
+
+
+def infer_kind(names: Sequence[str], ndim: int) -> str:
+    """The layer kind of a parameter, from its path of names.
+
+    Works on the names frameworks give by default: Flax Linen autonames
+    (``params/Dense_0/kernel``, ``ConvTranspose_0/kernel``), Haiku
+    (``mlp/~/linear_0/w``, ``conv2_d_transpose/w``) and Keras variable paths
+    (``sequential/conv2d_transpose/kernel``, ``separable_conv2d/depthwise_kernel``).
+    Layers renamed by the user are not recognized: pass the framework's
+    ``kinds`` hook (or the model) instead.
+
+    Args:
+        names: the parameter's path, outermost first.
+        ndim: its number of dims.
+
+    Returns:
+        One of :data:`KINDS`: ``"other"`` for biases, scales and 0/1-D tensors,
+        ``"embedding"`` for embedding tables, the module's kind for a kernel
+        under a recognized module, else ``"tensor"`` (decided by ndim).
+
+    Example:
+        >>> infer_kind(("params", "ConvTranspose_0", "kernel"), 4)
+        'conv_transpose'
+
+    References:
+        Yong et al., ECCV 2020, §5.1.
+
+    """
+    leaf = names[-1].lower() if names else ""
+    if leaf in _NOT_WEIGHTS or ndim < 2:
+        return "other"
+    if leaf in _EMBEDDINGS:
+        return "embedding"
+    if leaf == "depthwise_kernel":
+        return "depthwise"
+    if leaf == "pointwise_kernel":
+        return "conv"
+    if leaf in _KERNELS and len(names) >= 2:
+        kind = _module_kind(names[-2])
+        if kind is not None:
+            return kind
+    return "tensor"

@@ -19,7 +19,6 @@ References:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,17 +27,12 @@ import jax.numpy as jnp
 import optax
 
 from gradcent.core import unit_size
-from gradcent.layouts import check_kind, check_layout, kernel_spec, layer_spec
+from gradcent.layouts import check_kind, check_layout, infer_kind, kernel_spec, layer_spec
 from gradcent.rules import MODES, Spec, check_mode
 
 Path = tuple[str, ...]
 KindFn = Callable[[Path, Any], "str | Spec | None"]
 
-# Leaf names that never hold a weight vector (biases, norm scales and offsets).
-_NOT_WEIGHTS = frozenset({"bias", "b", "scale", "offset"})
-_EMBEDDINGS = frozenset({"embedding", "embeddings"})
-_KERNELS = frozenset({"kernel", "w"})
-_AUTONAME_SUFFIX = re.compile(r"_\d+$")
 _LOW_PRECISION = (jnp.float16, jnp.bfloat16)
 
 
@@ -66,53 +60,6 @@ def path_names(path: Sequence[Any]) -> Path:
     if len(names) > 1 and names[-1] == "value":  # nnx.Variable's array
         names.pop()
     return tuple(names)
-
-
-def _module_kind(module: str) -> str | None:
-    """The layer kind a module's (auto)name says, e.g. ``Conv_0`` -> ``conv``."""
-    base = _AUTONAME_SUFFIX.sub("", module.rsplit("/", 1)[-1]).lower().replace("_", "")
-    if "transpose" in base:
-        return "conv_transpose"
-    if "conv" in base:
-        return "conv"
-    if base in ("dense", "linear"):
-        return "dense"
-    if base.startswith("embed"):
-        return "embedding"
-    return None
-
-
-def infer_kind(names: Path, ndim: int) -> str:
-    """The layer kind of a parameter from its path.
-
-    Args:
-        names: the leaf's path (see :func:`path_names`).
-        ndim: the leaf's number of dims.
-
-    Returns:
-        One of :data:`gradcent.layouts.KINDS`: ``"other"`` for biases and
-        scales, ``"embedding"`` for embedding tables, the module's kind for a
-        ``kernel``/``w`` under a Dense/Linear/Conv*/ConvTranspose/Embed module,
-        else ``"tensor"`` (decided by ndim, output axis per layout).
-
-    Example:
-        >>> infer_kind(("params", "ConvTranspose_0", "kernel"), 4)
-        'conv_transpose'
-
-    References:
-        Yong et al., ECCV 2020, §5.1.
-
-    """
-    leaf = names[-1].lower() if names else ""
-    if leaf in _NOT_WEIGHTS or ndim < 2:
-        return "other"
-    if leaf in _EMBEDDINGS:
-        return "embedding"
-    if leaf in _KERNELS and len(names) >= 2:
-        kind = _module_kind(names[-2])
-        if kind is not None:
-            return kind
-    return "tensor"
 
 
 def centralize_array(g: jax.Array, dims: Sequence[int], groups: int = 1) -> jax.Array:
@@ -168,7 +115,8 @@ def leaf_spec(
         mode: ``"all"``, ``"conv"``, ``"fc"`` or None.
         layout: kernel layout, see :data:`gradcent.layouts.LAYOUTS`.
         kinds: optional override ``(names, leaf) -> kind | Spec | None``;
-            None means "infer from the path".
+            None means "infer from the path"
+            (:func:`gradcent.layouts.infer_kind`).
         embeddings: centralize embedding tables too.
 
     Returns:
@@ -223,7 +171,8 @@ def centralize(
             one), as in ``optax.masked``: False leaves are never centralized.
         kinds: optional ``(path_names, leaf) -> kind | Spec | None`` deciding a
             leaf's layer kind (one of :data:`gradcent.layouts.KINDS`) or its
-            exact spec; None falls back to the path rules of :func:`infer_kind`.
+            exact spec; None falls back to the path rules of
+            :func:`gradcent.layouts.infer_kind`.
             See :func:`nnx_kinds` for Flax NNX models.
         embeddings: centralize embedding tables too (off by default).
 
