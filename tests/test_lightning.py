@@ -37,6 +37,38 @@ def test_attach_with_closure_centralizes_the_closures_gradients():
     torch.testing.assert_close(model.weight.detach().sum(1), w.sum(1))
 
 
+@pytest.mark.parametrize("use_attach", [False, True])
+def test_clip_after_gc_inside_a_closure_as_lightning_orders_it(use_attach):
+    # Lightning's closure: zero_grad, backward, on_before_optimizer_step, clipping.
+    # centralize_grads() in on_before_optimizer_step therefore clips after GC.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    if use_attach:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+        centralize_now = gradcent.attach(opt, model).centralize_now
+    else:
+        opt = gradcent.SGD(model.parameters(), lr=0.1, weight_decay=0.1, model=model)
+        centralize_now = opt.centralize_grads
+    x = torch.randn(5, 4)
+    w = model.weight.detach().clone()
+    seen = {}
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        centralize_now()  # on_before_optimizer_step
+        torch.testing.assert_close(model.weight.grad.sum(1), torch.zeros(3), atol=1e-5, rtol=0)
+        nn.utils.clip_grad_value_(model.parameters(), 0.05)  # Lightning's clipping
+        seen["c"] = model.weight.grad.clone()
+        return loss
+
+    opt.step(closure)
+    # the value-clipped centred gradient is used as clipped, decay folded once as λP(w)
+    expected = w - 0.1 * (seen["c"] + 0.1 * centralize(w))
+    torch.testing.assert_close(model.weight.detach(), expected)
+
+
 def _lightning_run(use_attach: bool, clip: float | None):
     import lightning as L
     from sklearn.datasets import load_digits
