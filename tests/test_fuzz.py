@@ -79,6 +79,21 @@ def test_centralize_invariants_or_documented_errors(t, dims, groups):
     torch.testing.assert_close(inplace, out, rtol=0, atol=0)
 
 
+@SETTINGS
+@given(
+    shapes=st.lists(st.sampled_from([(3, 4), (2, 3, 2, 2), (5,), (1, 6), (0, 3)]), max_size=6),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_centralize_many_equals_one_by_one(shapes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    expected = [centralize(t) for t in ts]
+    gradcent.centralize_many_(ts)
+    for t, e in zip(ts, expected, strict=True):
+        torch.testing.assert_close(t, e, rtol=0, atol=0)
+
+
 def _model(kind, seed):
     torch.manual_seed(seed)
     if kind == "mlp":
