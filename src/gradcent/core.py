@@ -167,6 +167,8 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"Invalid groups: {groups!r} (expected an int >= 1)")
     rdims = _resolve_dims(t, dims)
+    if groups > 1:
+        _unit_view(t, rdims, groups)  # validates before any early return
     if not rdims or t.numel() == 0 or unit_size(t.shape, rdims, groups) <= 1:
         return t
     if _is_dtensor(t):
