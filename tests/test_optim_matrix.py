@@ -97,7 +97,9 @@ OPTIMS = [
         ({"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},),
         decoupled=True,
     ),
-    OptimInfo("Adamax", torch.optim.Adamax, None, ({"lr": 0.01, "weight_decay": 0.1},)),
+    OptimInfo(
+        "Adamax", torch.optim.Adamax, None, ({"lr": 0.01, "weight_decay": 0.1, "maximize": True},)
+    ),
     OptimInfo("ASGD", torch.optim.ASGD, None, ({"lr": 0.01, "weight_decay": 0.1, "t0": 2},)),
 ]
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
