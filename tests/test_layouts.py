@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from gradcent.core import centralize
-from gradcent.layouts import LAYOUTS, check_layout, kernel_spec, layer_spec, output_axes
+from gradcent.layouts import (
+    LAYOUTS,
+    check_layout,
+    infer_kind,
+    kernel_spec,
+    layer_spec,
+    output_axes,
+)
 from gradcent.rules import plan
 
 
@@ -128,3 +135,28 @@ def test_transposed_kernel_gives_the_same_centred_gradient(name, layout):
     inverse = tuple(perm.index(i) for i in range(len(perm)))
     torch.testing.assert_close(got.permute(inverse), expected)
     assert not torch.allclose(expected, grad)
+
+
+@pytest.mark.parametrize(
+    "names, ndim, kind",
+    [
+        (("params", "Dense_0", "kernel"), 2, "dense"),
+        (("params", "ConvTranspose_1", "kernel"), 4, "conv_transpose"),
+        (("params", "Embed_0", "embedding"), 2, "embedding"),
+        (("params", "LayerNorm_0", "scale"), 1, "other"),
+        (("mlp/~/linear_1", "w"), 2, "dense"),
+        (("conv2_d_transpose", "w"), 4, "conv_transpose"),
+        (("sequential", "dense_3", "kernel"), 2, "dense"),
+        (("sequential", "conv2d", "kernel"), 4, "conv"),
+        (("sequential", "conv2d_transpose_2", "kernel"), 4, "conv_transpose"),
+        (("sequential", "depthwise_conv2d", "kernel"), 4, "depthwise"),
+        (("sequential", "separable_conv2d", "depthwise_kernel"), 4, "depthwise"),
+        (("sequential", "separable_conv2d", "pointwise_kernel"), 4, "conv"),
+        (("sequential", "batch_normalization", "gamma"), 1, "other"),
+        (("sequential", "embedding", "embeddings"), 2, "embedding"),
+        (("params", "head", "kernel"), 2, "tensor"),  # renamed: decided by ndim
+        (("w",), 3, "tensor"),
+    ],
+)
+def test_infer_kind_from_default_names(names, ndim, kind):
+    assert infer_kind(names, ndim) == kind
