@@ -80,15 +80,17 @@ def test_train_end_to_end_is_reproducible(tmp_path, capsys):
     assert (tmp_path / "a" / "result.json").exists()
 
 
-def test_compare_end_to_end(tmp_path):
-    r = _run("compare", "--subset", "64", "--epochs", "1", "--seeds", "2", "--batch-size", "32",
-             cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "epoch 1/1" in r.stdout  # per-epoch log lines without --quiet
-    header = next(line for line in r.stdout.splitlines() if line.startswith("variant"))
+def test_compare_end_to_end(tmp_path, capsys, monkeypatch):
+    # in-process (the train test above covers `python -m gradcent` in a subprocess)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--subset", "64", "--epochs", "1", "--seeds", "2",
+                 "--batch-size", "32"]) == 0
+    stdout = capsys.readouterr().out
+    assert "epoch 1/1" in stdout  # per-epoch log lines without --quiet
+    header = next(line for line in stdout.splitlines() if line.startswith("variant"))
     assert "test acc %" in header and "p" in header.split()
-    assert re.search(r"^baseline\s+2\s", r.stdout, re.M) and re.search(r"^gc\s+2\s", r.stdout, re.M)
-    plots = [Path(line.split(": ", 1)[1]) for line in r.stdout.splitlines()
+    assert re.search(r"^baseline\s+2\s", stdout, re.M) and re.search(r"^gc\s+2\s", stdout, re.M)
+    plots = [Path(line.split(": ", 1)[1]) for line in stdout.splitlines()
              if line.startswith("plot: ")]
     assert len(plots) == 1
     plot = plots[0] if plots[0].is_absolute() else tmp_path / plots[0]
