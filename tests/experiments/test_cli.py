@@ -96,3 +96,32 @@ def test_compare_end_to_end(tmp_path, capsys, monkeypatch):
     plot = plots[0] if plots[0].is_absolute() else tmp_path / plots[0]
     assert plot.stat().st_size > 1024 and plot.parent.parent.name == "runs"
     assert plot.parent.name.startswith("compare-digits-")
+
+
+def test_presets_command_and_preset_resolution(capsys):
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(r"^table1\s", listed, re.M) and re.search(r"^fig5\s", listed, re.M)
+    args = build_parser().parse_args(["compare", "--preset", "table1", "--epochs", "2",
+                                      "--subset", "8"])
+    cfg = resolve_config(args)
+    # the paper's CIFAR-100 protocol, shrunk only where asked
+    assert (cfg.preset, cfg.dataset, cfg.gc_mode, cfg.batch_size, cfg.milestones) == (
+        "table1", "cifar100", "conv", 128, (60, 120, 180))
+    assert (cfg.epochs, cfg.subset, cfg.paper_table) == (2, 8, "table1")
+    assert "resnet18" in cfg.sweep
+    cfg7 = resolve_config(build_parser().parse_args(["train", "--preset", "table7-cub"]))
+    assert cfg7.fine_grained and cfg7.lr_pretrained == 0.01 and cfg7.lr == 0.1
+
+
+def test_report_prints_the_paper_numbers_beside_ours():
+    from gradcent.experiments.paper import paper_numbers
+    from gradcent.experiments.report import format_table, summary_rows
+
+    results = [{"variant": v, "seed": s, "point": "resnet18", "epochs": 1,
+                "final": {"test_acc": acc + s, "train_loss": 0.1}, "epoch_time": 1.0,
+                "gc_time": 0.01}
+               for v, acc in (("baseline", 70.0), ("gc", 72.0)) for s in (0, 1)]
+    text = format_table(summary_rows(results, ["baseline", "gc"]), paper_numbers, "table1")
+    assert "paper (table1)" in text
+    assert "76.87 ± 0.26" in text.splitlines()[2] and "78.82 ± 0.31" in text.splitlines()[3]

@@ -107,7 +107,8 @@ def run_compare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0)
+    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
+                             fine_grained=cfg.fine_grained)
     jobs = [(point, pcfg, v, s) for point, pcfg in sweep_points(cfg)
             for v in cfg.variants for s in cfg.seeds]
     if progress is None:

@@ -32,6 +32,7 @@ class RunConfig:
         preset: name of the preset the options were resolved from, if any.
         dataset: dataset name understood by ``experiments.datasets``.
         data: folder or file of the dataset (None for the bundled digits).
+        fine_grained: fine-grained transforms (resize 512, crop 448; §5.5).
         subset: keep only this many training (and test) samples, for smoke runs.
         model: model name understood by ``experiments.models``.
         norm: normalisation layer of the model (``"bn"``, ``"gn"``, ...).
@@ -64,6 +65,7 @@ class RunConfig:
     preset: str | None = None
     dataset: str = "digits"
     data: str | None = None
+    fine_grained: bool = False
     subset: int | None = None
     model: str = "smallcnn"
     norm: str = "bn"
@@ -194,7 +196,7 @@ SWEEPABLE = frozenset(
 _PRESET_FIELDS = (
     "dataset", "model", "optimizer", "lr", "momentum", "weight_decay", "epochs",
     "batch_size", "milestones", "gamma", "gc_mode", "variants", "norm", "ws", "sweep",
-    "paper_table",
+    "paper_table", "lr_pretrained", "fine_grained",
 )
 
 
@@ -212,7 +214,7 @@ def from_preset(preset: Any) -> dict[str, Any]:
     for name in _PRESET_FIELDS:
         if hasattr(preset, name):
             value = getattr(preset, name)
-            if value is not None or name == "paper_table":
+            if value is not None or name in ("paper_table", "lr_pretrained"):
                 opts[name] = value
     if opts.get("sweep") is None:
         opts["sweep"] = {}

@@ -227,7 +227,8 @@ def run_diagnose(cfg: RunConfig, out: str | Path, checkpoint: str | Path | None 
 
     """
     from gradcent.experiments.datasets import build_dataset
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0)
+    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
+                             fine_grained=cfg.fine_grained)
     with reproducible(cfg.deterministic, cfg.threads):
         files = list(figure3(cfg, out, data, checkpoint, seed))
         files += figure4(cfg, out, data, iterations, seed=seed)

@@ -468,7 +468,8 @@ def train_run(
     if data is None:
         from gradcent.experiments.datasets import build_dataset
 
-        data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0)
+        data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
+                             fine_grained=cfg.fine_grained)
     task = getattr(data, "task", "classification")
     collate = getattr(data, "collate_fn", None)
     cfg.save(run_dir / "config.json")
