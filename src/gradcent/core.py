@@ -39,6 +39,16 @@ def _resolve_dims(t: Tensor, dims: Dims) -> tuple[int, ...]:
     return tuple(sorted({d % t.dim() for d in dims}))
 
 
+def _check_groups(shape: Sequence[int], dims: tuple[int, ...], groups: int) -> None:
+    """Raise unless dim 0 can be split into ``groups`` and is among the reduced dims."""
+    if groups == 1:
+        return
+    if 0 not in dims:
+        raise ValueError(f"groups={groups} needs dim 0 among the reduction dims, got {dims}")
+    if shape[0] % groups:
+        raise ValueError(f"dim 0 of shape {tuple(shape)} is not divisible by groups={groups}")
+
+
 def _unit_view(t: Tensor, dims: tuple[int, ...], groups: int) -> tuple[Tensor, tuple[int, ...]]:
     """View ``t`` so that each output unit spans ``dims`` of the view.
 
@@ -49,10 +59,7 @@ def _unit_view(t: Tensor, dims: tuple[int, ...], groups: int) -> tuple[Tensor, t
     """
     if groups == 1:
         return t, dims
-    if 0 not in dims:
-        raise ValueError(f"groups={groups} needs dim 0 among the reduction dims, got {dims}")
-    if t.shape[0] % groups:
-        raise ValueError(f"dim 0 of shape {tuple(t.shape)} is not divisible by groups={groups}")
+    _check_groups(t.shape, dims, groups)
     view = t.unflatten(0, (groups, t.shape[0] // groups))
     return view, tuple(d + 1 for d in dims)
 
@@ -167,8 +174,7 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"Invalid groups: {groups!r} (expected an int >= 1)")
     rdims = _resolve_dims(t, dims)
-    if groups > 1:
-        _unit_view(t, rdims, groups)  # validates before any early return
+    _check_groups(t.shape, rdims, groups)  # before any early return
     if not rdims or t.numel() == 0 or unit_size(t.shape, rdims, groups) <= 1:
         return t
     if _is_dtensor(t):
