@@ -76,6 +76,24 @@ def test_paths_decide_without_a_model_and_embeddings_are_excluded():
     assert opt.gc_spec(transpose.kernel).dims == (0, 1, 3)  # from ".../conv2d_transpose/kernel"
 
 
+def test_kinds_override_takes_a_kind_or_a_spec():
+    from gradcent.rules import Spec
+
+    layer = keras.layers.Dense(4, name="proj")
+    layer.build((None, 6))
+
+    def kinds(v):
+        return "other" if v.name == "kernel" else None
+
+    assert GCSGD(learning_rate=0.1, kinds=kinds).gc_spec(layer.kernel) is None
+
+    def rows(v):  # centre each input row instead, as a hand-written spec
+        return Spec("fc", (1,), 1, "custom")
+
+    assert GCSGD(learning_rate=0.1, kinds=rows).gc_spec(layer.kernel).dims == (1,)
+    assert GCSGD(learning_rate=0.1, kinds=rows, gc="conv").gc_spec(layer.kernel) is None
+
+
 TORCH_LAYERS = {
     "dense": (lambda: nn.Linear(5, 7), lambda: keras.layers.Dense(7), (1, 0), (3, 5)),
     "conv": (lambda: nn.Conv2d(4, 6, 3), lambda: keras.layers.Conv2D(6, 3), (2, 3, 1, 0), None),
