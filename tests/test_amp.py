@@ -162,3 +162,45 @@ def test_low_precision_params_step_matches_float64_reference(dtype, cls):
     assert (p.detach().double() - q.detach()).abs().max() <= 2 * eps * q.abs().max()
     # the centred low-precision gradient has zero unit means to fp32 accuracy
     assert p.grad.float().sum(1).abs().max() < 10 * eps * p.grad.float().abs().sum(1).max()
+
+
+@pytest.mark.parametrize("cls", [gradcent.SGD, gradcent.Adam, gradcent.AdamW])
+def test_torch_fused_kernels_take_still_scaled_grads(cls):
+    # fused=True optimizers let GradScaler skip unscale_: the kernel divides by the
+    # scale itself, so GC (and its folded decay) sees s·g. Same result as unscaled.
+    def run(scaled, overflow=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        kw = {"momentum": 0.9} if cls is gradcent.SGD else {}
+        opt = cls(model.parameters(), lr=0.01, weight_decay=0.1, model=model, fused=True, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        x, y = torch.randn(6, 4), torch.randn(6, 3)
+        snap = None
+        for i in range(3):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            if not scaled:
+                loss.backward()
+                opt.step()
+                continue
+            scaler.scale(loss).backward()
+            if overflow and i == 2:
+                states = enumerate(opt.state.values())
+                snap = [p.detach().clone() for p in model.parameters()], {
+                    k: {n: v.clone() for n, v in s.items()} for k, s in states
+                }
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        return model, opt, snap
+
+    scaled, _, _ = run(True)
+    plain, _, _ = run(False)
+    for a, b in zip(scaled.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    model, opt, (weights, state) = run(True, overflow=True)
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p.detach(), w)
+    for k, s in enumerate(opt.state.values()):
+        for n, v in s.items():
+            assert torch.equal(v, state[k][n]), n
