@@ -102,6 +102,9 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, data):
     train_run(_cfg(epochs=2), "gc", 0, tmp_path, data=data, stop_after=1, log=None)
     with pytest.raises(ValueError, match="different run"):
         train_run(_cfg(epochs=2, lr=0.5), "gc", 0, tmp_path, data=data, resume=True, log=None)
+    train_run(_cfg(epochs=2), "gc", 0, tmp_path, data=data, resume=True, log=None)  # finish
+    with pytest.raises(ValueError, match="finished run with a different"):
+        train_run(_cfg(epochs=2), "gc", 1, tmp_path, data=data, resume=True, log=None)
 
 
 def test_sgd_gc_on_gradient_equals_gc_on_update(tmp_path, data):

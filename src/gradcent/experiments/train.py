@@ -463,6 +463,10 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     v = get_variant(variant)
     if resume and (done := load_result(run_dir)) is not None:
+        if numeric_config(RunConfig.from_dict(done["config"])) != numeric_config(cfg) or \
+                done["variant"] != variant or done["seed"] != seed:
+            raise ValueError(f"{run_dir} holds a finished run with a different config, variant "
+                             "or seed; use another --out")
         return done
     device = resolve_device(cfg.device)
     if data is None:
