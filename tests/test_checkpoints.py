@@ -75,6 +75,7 @@ def test_torch_save_load_weights_only_resumes_identically(name, tmp_path):
     assert not torch.allclose(straight[0].weight, straight_all[0].weight)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_dcp_single_process_save_and_load(tmp_path):
     data = _batches(4)
     ref = _net()

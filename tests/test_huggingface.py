@@ -73,14 +73,14 @@ def _watched(model):
     }
 
 
-def test_decay_groups_follow_the_trainer():
+def test_decay_groups_follow_the_trainer(tmp_path):
     model = _model()
     decayed, rest = decay_param_groups(model, 0.1)
     assert decayed["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     rest_names = [names[id(p)] for p in rest["params"]]
     assert all("bias" in n or "LayerNorm" in n for n in rest_names)
-    trainer = transformers.Trainer(model=model, args=_args("/tmp/unused"))
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path))
     expected = set(trainer.get_decay_parameter_names(model))
     assert {names[id(p)] for p in decayed["params"]} == expected
     with pytest.raises(TypeError, match="optimizer class"):
@@ -134,12 +134,12 @@ def test_trainer_with_optimizer_cls_and_kwargs(tmp_path):
         torch.testing.assert_close(delta.sum(1), torch.zeros(len(delta)), atol=1e-5, rtol=0)
 
 
-def test_plain_class_in_optimizer_cls_and_kwargs_cannot_take_model():
+def test_plain_class_in_optimizer_cls_and_kwargs_cannot_take_model(tmp_path):
     # Why the helper exists: the Trainer pops "model" out of the kwargs.
     model = _model()
     trainer = transformers.Trainer(
         model=model,
-        args=_args("/tmp/unused"),
+        args=_args(tmp_path),
         optimizer_cls_and_kwargs=(gradcent.AdamW, {"lr": 1e-3, "model": model}),
     )
     with pytest.raises(TypeError):
