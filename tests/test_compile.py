@@ -6,13 +6,14 @@ What Dynamo sees (torch 2.14, default config), for one step
 * ``torch.optim.SGD``: breaks at ``Tensor.backward()`` (not traceable unless
   ``trace_autograd_ops``) and at torch's own ``graph_break()`` calls in
   ``torch.optim.optimizer._use_grad`` / ``zero_grad`` (skipped on purpose).
-* ``gradcent.SGD``: the same, plus exactly one: torch's deliberate
-  ``graph_break()`` in ``_use_grad`` now lands inside ``GCMixin.step``'s
-  ``try/finally`` (which runs GC's post-step work, e.g. the update projection
-  of ``where="update"``, even if the step raises); Dynamo cannot resume inside
-  a ``try`` block, so it reports
-  ``step_unsupported`` there and runs the rest of that frame eagerly. GC's own
-  code (plan lookups, ``centralize_``) adds no break.
+* ``gradcent.SGD``: the same, plus exactly one, and it is torch's: the
+  deliberate ``graph_break()`` in ``_use_grad`` (kept by torch so that AOT sees
+  the update as an inference graph) is reported once the parent's step is
+  reached through a wrapper. Inside ``GCMixin.step``'s ``try/finally`` Dynamo
+  cannot resume, so it reports ``step_unsupported`` there and runs the rest of
+  that frame eagerly; without the ``try`` the break count is the same (checked
+  by hand), only its report moves. GC's own code (plan lookups,
+  ``centralize_``) adds no break.
 * ``attach``: the same one extra break, reported at torch's ``graph_break()``
   (torch only takes its hook-calling path when hooks are registered).
 """
