@@ -14,6 +14,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -329,7 +331,9 @@ def _coco_split(root: Path, split: str, train: bool) -> Dataset:
     if not ann_file.is_file():
         raise _missing(f"the COCO annotation file '{ann_file.name}'", ann_file, _COCO_URL)
     try:
-        dataset = CocoDetection(str(images), str(ann_file))
+        # pycocotools prints progress lines; keep --quiet runs quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            dataset = CocoDetection(str(images), str(ann_file))
     except Exception as err:  # bad JSON or missing keys surface as many error types
         raise DatasetError(f"{ann_file} is not a COCO instances file ({err}); see {DOCS}") from err
     coco = dataset.coco
