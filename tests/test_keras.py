@@ -26,6 +26,7 @@ from gradcent.integrations.keras import (  # noqa: E402
 )
 from gradcent.rules import plan  # noqa: E402
 
+pytestmark = pytest.mark.keras
 BACKEND = keras.backend.backend()
 GCSGD = centralized(keras.optimizers.SGD)
 
