@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    repeats = args.repeats or (3 if args.quick else 20 if cuda else 7)
+    repeats = args.repeats or (2 if args.quick else 20 if cuda else 7)
     step_repeats = args.step_repeats or (1 if args.quick else 20 if cuda else 3)
     strategies = ["per_param"] + (["foreach"] if args.foreach else [])
     available = {

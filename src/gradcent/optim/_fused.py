@@ -132,7 +132,8 @@ def _adam_math(
     """One Adam/AdamW step of torch's for-loop, on ĝ (Algorithm 2)."""
     step_size, w1, beta2, w2, eps, l2, bc2_sqrt, decay_mul = s.unbind(0)
     g = _centred(g, p, l2, centre)
-    m2 = torch.lerp(m, g, w1)
+    # torch's lerp_ for a weight below 0.5, without lerp's second branch and select.
+    m2 = m + w1 * (g - m)
     v2 = v * beta2 + w2 * g * g
     out_v = v2 if vmax is None else torch.maximum(vmax, v2)
     p2 = p * decay_mul - step_size * m2 / (out_v.sqrt() / bc2_sqrt + eps)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The benchmark suite on one lent GPU (an H200), timed with CUDA events.
+# Prepared for a device session; it has NOT been run yet (no GPU was lent when
+# it was written). Run from the repository root:
+#
+#     bash benchmarks/gpu.sh            # results in $OUT (or benchmarks/results)
+#
+# Budget: one call under 8 minutes. Triton compiles the fused kernels on the
+# first step (a few graphs, each well under a minute); the 355M set needs about
+# 8.5 GB of GPU memory; the ResNet-18 step runs 20 timed rounds.
+set -euo pipefail
+
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=${PY:-python3}; fi
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu_info.txt" 2>&1 || true
+"$PY" - <<'PY'
+import importlib, torch
+assert torch.cuda.is_available(), "no CUDA device visible"
+for mod in ("torchvision", "pytorch_optimizer", "gradcent"):
+    importlib.import_module(mod)  # fail early, not after minutes of timing
+print("torch", torch.__version__, "on", torch.cuda.get_device_name())
+PY
+
+# 7 minutes at most, so a rerun still fits the session; partial output is kept.
+timeout 420 "$PY" benchmarks/run.py --device cuda --repeats 20 --step-repeats 20 \
+    --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.txt"
