@@ -8,6 +8,7 @@ what it saved.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -213,3 +214,43 @@ def test_local_batch_and_setup_validate(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ValueError, match="needs torchrun"):
         setup("fsdp")
     assert setup("none") is current() and not current().active and current().is_main
+
+
+def _digits_args(out: Path) -> list[str]:
+    # GroupNorm: no running statistics, so every rank holds the very same model
+    # and the 2-rank test metrics can be checked against one process exactly.
+    return ["--dataset", "digits", "--subset", "200", "--epochs", "2", "--batch-size", "32",
+            "--norm", "gn", "--threads", "1", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_train_fsdp_on_two_ranks_resumes_on_one(tmp_path: Path) -> None:
+    from gradcent.cli import main
+    from gradcent.experiments.datasets import build_dataset
+    from gradcent.experiments.models import build_model
+    from gradcent.experiments.train import evaluate, make_loader
+
+    out = tmp_path / "run"
+    launch(["-m", "gradcent", "train", "--distributed", "fsdp", *_digits_args(out),
+            "--stop-after", "1"], WORLD, tmp_path, timeout=110)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and not (out / "result.json").exists()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)]
+    assert "epoch 1/2" in logs[0] and "epoch 1/2" not in logs[1]  # rank 0 logs alone
+    # The checkpoint is full and in torch's own format: a plain model loads it.
+    data = build_dataset("digits", None, 200)
+    model = build_model("smallcnn", data.num_classes, in_channels=data.in_channels, norm="gn")
+    model.load_state_dict(ckpt["model"])
+    assert set(ckpt["optimizer"]["state"]) == set(range(len(list(model.parameters()))))
+    # Test metrics were averaged over the 2 ranks' halves (100 + 100 samples, no
+    # padding): one process evaluating the whole test set finds the same numbers.
+    one = evaluate(model, make_loader(data.test, 32, shuffle=False), torch.device("cpu"))
+    row = ckpt["history"][0]
+    assert row["test_acc"] == pytest.approx(one["test_acc"], abs=1e-9)
+    assert row["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+    # Resume on one process: epoch 2 runs from the 2-rank checkpoint.
+    assert main(["train", *_digits_args(out), "--resume", "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["finished"] and result["epochs"] == 2
+    assert result["history"][0] == pytest.approx(row)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2

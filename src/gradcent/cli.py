@@ -114,6 +114,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", default=None, help="no per-epoch logs")
 
 
+def _add_distributed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", choices=("none", "ddp", "fsdp"), default="none",
+                   help="under torchrun: DDP or FSDP2 over the ranks (docs/SCALING.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradcent`` command."""
     parser = argparse.ArgumentParser(
@@ -121,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="one run, checkpointed every epoch")
     _add_run_options(train)
+    _add_distributed_option(train)
+    train.add_argument("--stop-after", type=_positive_int,
+                       help="stop after N epochs in total, as if interrupted (then --resume)")
     compare = sub.add_parser("compare", help="variants x seeds, table + plots")
     _add_run_options(compare)
+    _add_distributed_option(compare)
     diag = sub.add_parser("diagnose", help="Fig. 3 (weight means) and Fig. 4 (gradient norms)")
     _add_run_options(diag)
     diag.add_argument("--checkpoint", help="weights for Fig. 3 (default: Kaiming init)")
@@ -173,7 +182,8 @@ def cmd_train(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     else:
         variant = "gc" if "gc" in cfg.variants else cfg.variants[-1]
     seed = cfg.seeds[0]
-    result = train_run(cfg, variant, seed, out, resume=args.resume, log=_log(cfg.quiet))
+    result = train_run(cfg, variant, seed, out, resume=args.resume, log=_log(cfg.quiet),
+                       stop_after=args.stop_after)
     final = result["final"]
     print(f"{variant} seed={seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
     print(f"run folder: {out} (checkpoint.pt, result.json, config.json)")
@@ -234,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--resume needs --out (the folder of the run to continue)")
         out = Path(args.out) if args.out else default_out(args.command, cfg)
         commands = {"train": cmd_train, "compare": cmd_compare, "diagnose": cmd_diagnose}
-        return commands[args.command](args, cfg, out)
+        from gradcent.experiments.distributed_run import launched
+
+        with launched(getattr(args, "distributed", "none"), cfg.device) as run:
+            return commands[args.command](args, cfg, run.from_main(out))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return 2

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcent.experiments.config import RunConfig
+from gradcent.experiments.distributed_run import current
 from gradcent.experiments.plots import plot_curves
 from gradcent.experiments.report import format_table, summary_rows, write_results
 from gradcent.experiments.train import load_result, numeric_config, train_run
@@ -106,7 +107,8 @@ def run_compare(
         get_variant(name)  # fail before training anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
+    if current().is_main:  # under torchrun rank 0 alone writes files
+        cfg.save(out / "config.json")
     data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
                              fine_grained=cfg.fine_grained)
     jobs = [(point, pcfg, v, s) for point, pcfg in sweep_points(cfg)
@@ -134,6 +136,8 @@ def run_compare(
             result = train_run(pcfg, variant, seed, rdir, data=data, resume=True, log=log)
         result["point"] = point
         results.append(result)
+    if not current().is_main:
+        return Outcome(results, [], "", [], [])
     rows = summary_rows(results, cfg.variants)
     table = format_table(rows, _paper_lookup(), cfg.paper_table)
     plots = []

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from gradcent.experiments import distributed_run
 from gradcent.experiments.config import RunConfig
 from gradcent.experiments.variants import (
     Variant,
@@ -93,6 +94,7 @@ def make_loader(
     epoch: int = 0,
     workers: int = 0,
     collate_fn: Any = None,
+    sampler: Any = None,
 ) -> DataLoader:
     """A DataLoader whose order depends only on ``(seed, epoch)``.
 
@@ -104,6 +106,7 @@ def make_loader(
         epoch: the epoch (0-based).
         workers: worker processes.
         collate_fn: batch collation (detection batches are lists).
+        sampler: picks this rank's samples under torchrun (it then shuffles).
 
     Returns:
         The loader.
@@ -114,7 +117,8 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=g,
         num_workers=workers,
         worker_init_fn=_seed_worker if workers else None,
@@ -380,6 +384,9 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
     seed_everything(seed)
     model = build_model(cfg.model, data.num_classes, in_channels=data.in_channels,
                         pretrained=cfg.pretrained, **model_options(cfg, variant)).to(device)
+    # DDP / FSDP2 under torchrun (no-op otherwise), before the optimizer: GC plans
+    # the parameters the optimizer will see (FSDP2's DTensors).
+    model = distributed_run.current().wrap(model, device)
     params = None
     if cfg.pretrained is not None:
         from gradcent.experiments.models import param_groups_for_finetune
@@ -476,7 +483,9 @@ def train_run(
                              fine_grained=cfg.fine_grained)
     task = getattr(data, "task", "classification")
     collate = getattr(data, "collate_fn", None)
-    cfg.save(run_dir / "config.json")
+    ranks = distributed_run.current()
+    if ranks.is_main:
+        cfg.save(run_dir / "config.json")
     with reproducible(cfg.deterministic, cfg.threads):
         model, optimizer, scheduler, timer = _build(cfg, v, seed, data, device)
         history: list[dict[str, float]] = []
@@ -488,41 +497,54 @@ def train_run(
                     ckpt["seed"] != seed:
                 raise ValueError(f"Checkpoint {ckpt_path} is from a different run (config, "
                                  "variant or seed differ); remove it or use another --out")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            ranks.load(model, optimizer, ckpt)  # saved under any world size
             scheduler.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"])
             history, start = ckpt["history"], ckpt["epoch"]
-        test_loader = make_loader(data.test, cfg.batch_size, shuffle=False,
-                                  workers=cfg.workers, collate_fn=collate)
+        batch = ranks.local_batch(cfg.batch_size)  # --batch-size is the global batch
+        test_loader = make_loader(data.test, batch, shuffle=False,
+                                  workers=cfg.workers, collate_fn=collate,
+                                  sampler=ranks.sampler(data.test, shuffle=False, seed=0))
         last = cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)
         for epoch in range(start, last):
-            loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=seed,
-                                 epoch=epoch, workers=cfg.workers, collate_fn=collate)
+            sampler = ranks.sampler(data.train, shuffle=True, seed=_epoch_seed(seed, epoch))
+            loader = make_loader(data.train, batch, shuffle=True, seed=seed,
+                                 epoch=epoch, workers=cfg.workers, collate_fn=collate,
+                                 sampler=sampler)
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(model, loader, optimizer, device, task)
+            train_loss, train_acc = ranks.mean(
+                train_epoch(model, loader, optimizer, device, task))  # over ranks
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
             scheduler.step()
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                   **evaluate(model, test_loader, device, task),
+                   **_mean_over_ranks(ranks, evaluate(model, test_loader, device, task)),
                    "epoch_time": epoch_time, "gc_time": timer.lap()}
             history.append(row)
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                         "epoch": epoch + 1, "history": history, "variant": variant,
-                         "seed": seed, "config": numeric_config(cfg)}, ckpt_path)
+            # Full (unsharded) states: every rank joins the gather, rank 0 writes.
+            model_state = ranks.model_state(model)
+            optim_state = ranks.optimizer_state(model, optimizer)
+            if ranks.is_main:
+                atomic_save({"model": model_state, "optimizer": optim_state,
+                             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                             "epoch": epoch + 1, "history": history, "variant": variant,
+                             "seed": seed, "config": numeric_config(cfg)}, ckpt_path)
             if log is not None:
                 log(f"[{variant} seed={seed}] epoch {epoch + 1}/{cfg.epochs} "
                     f"train_loss={train_loss:.4f} test_loss={row['test_loss']:.4f} "
                     f"test_acc={row['test_acc']:.2f} ({epoch_time:.2f}s, "
                     f"GC {row['gc_time']:.3f}s)")
     result = summarize_run(cfg, variant, seed, history)
-    if result["finished"]:
+    if result["finished"] and ranks.is_main:
         atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT)
     return result
+
+
+def _mean_over_ranks(ranks: distributed_run.DistRun, metrics: dict[str, float]) -> dict:
+    """Each metric averaged over the ranks (each evaluated an equal share)."""
+    return dict(zip(metrics, ranks.mean(list(metrics.values())), strict=True))
 
 
 def summarize_run(
