@@ -167,11 +167,6 @@ class Centralizer:
             if spec is None:
                 continue  # the optimizer adds λw itself, as without GC
             w = p.detach()
-            if p.grad.is_sparse:
-                raise ValueError(
-                    f"Parameter {gplan.name(p)!r} has a sparse gradient and weight_decay="
-                    f"{wd}: the paper's rule P(g + λw) needs dense gradients"
-                )
             decay = w * alpha if scale is None else w * (scale * alpha)
             if _is_pending(done, p):
                 p.grad.add_(centralize(decay, spec.dims, spec.groups) - decay)
