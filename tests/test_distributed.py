@@ -254,3 +254,14 @@ def test_train_fsdp_on_two_ranks_resumes_on_one(tmp_path: Path) -> None:
     assert result["finished"] and result["epochs"] == 2
     assert result["history"][0] == pytest.approx(row)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+
+def test_unwrap_only_strips_ddp() -> None:
+    from gradcent.experiments.distributed_run import DistRun
+
+    inner = torch.nn.Linear(2, 2)
+    wrapper = torch.nn.Module()
+    wrapper.module = inner  # what DDP looks like from outside
+    assert DistRun("ddp", 0, 2).unwrap(wrapper) is inner
+    assert DistRun("fsdp", 0, 2).unwrap(wrapper) is wrapper
+    assert DistRun().unwrap(inner) is inner

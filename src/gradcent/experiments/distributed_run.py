@@ -99,6 +99,10 @@ class DistRun:
             return fully_shard_model(model, mesh)
         return model
 
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The model inside DDP (same parameters); FSDP2 and plain models as they are."""
+        return model.module if self.kind == "ddp" and hasattr(model, "module") else model
+
     def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> Any:
         """A ``DistributedSampler`` for this rank, or None when not distributed."""
         if not self.active:

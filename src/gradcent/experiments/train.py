@@ -392,7 +392,9 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
         from gradcent.experiments.models import param_groups_for_finetune
 
         lr_pre = cfg.lr_pretrained if cfg.lr_pretrained is not None else cfg.lr / 10
-        params = param_groups_for_finetune(model, cfg.lr, lr_pre)
+        # Head names without DDP's "module." prefix (FSDP2 keeps the names).
+        params = param_groups_for_finetune(distributed_run.current().unwrap(model), cfg.lr,
+                                           lr_pre)
     optimizer, centralizer = build_optimizer(cfg, variant, model, params)
     scheduler = build_scheduler(cfg, optimizer)
     return model, optimizer, scheduler, GCTimer(centralizer, device)
