@@ -18,7 +18,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from gradcent.optim import SGD, SGDW, Adam, AdamW
-from gradcent.optim._fused import check_impl, fused_step
+from gradcent.optim._fused import _adam_one, _sgd_one, check_impl, fused_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,6 +128,16 @@ def test_no_recompilation_on_later_steps_and_new_shapes():
         sched.step()
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
     assert counters["stats"]["calls_captured"] == 0, dict(counters["stats"])
+
+
+def test_kernels_trace_as_one_graph_without_breaks():
+    # fullgraph=True is off for call overhead, so check here that it would hold.
+    p, g, m, v = (torch.randn(4, 5) for _ in range(4))
+    s = torch.rand(8)
+    for fn, args in ((_adam_one, (p, g, m, v, None, s, True)), (_sgd_one, (p, g, m, s[:7], True))):
+        explained = torch._dynamo.explain(fn)(*args)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
 
 
 def test_invalid_impl_and_options():
