@@ -1,0 +1,67 @@
+"""The runnable examples run as a user runs them, and print what the docs promise.
+
+Each example is started in its own process (Keras fixes its backend at import,
+Lightning and the Trainer set global state), on its smallest setting, and its
+printed Eq. 4 check (eᵀ(w_t − w_0) = 0 per output unit under GC) is asserted.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONHASHSEED": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _drifts(out: str) -> list[float]:
+    return [float(x) for x in re.findall(r"= ([0-9.]+e[-+][0-9]+)$", out, flags=re.M)]
+
+
+@pytest.mark.slow
+@pytest.mark.jax
+def test_flax_example_trains_and_keeps_unit_sums():
+    out = _run("flax_digits.py", "--epochs", "1")
+    acc = float(re.search(r"held-out accuracy \(all\): ([0-9.]+)", out).group(1))
+    assert acc > 0.5  # one epoch on digits; chance is 0.1
+    drifts = _drifts(out)
+    assert len(drifts) == 3 and max(drifts) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.keras
+def test_keras_example_trains_and_keeps_unit_sums():
+    out = _run("keras_digits.py", "--epochs", "1")
+    acc = float(re.search(r"held-out accuracy \(all, \w+ backend\): ([0-9.]+)", out).group(1))
+    assert acc > 0.5
+    drifts = _drifts(out)
+    assert len(drifts) == 3 and max(drifts) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.integrations
+def test_lightning_example_uses_gc():
+    out = _run("lightning_digits.py", "--steps", "20")
+    assert "optimizer: SGD" in out
+    change = float(re.search(r"\(0 under GC\): ([0-9.e+-]+)", out).group(1))
+    assert change < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.integrations
+def test_hf_trainer_example_uses_gradcent_optimizer():
+    out = _run("hf_trainer.py", "--steps", "20")
+    assert "optimizer: gradcent.optim.adam.AdamW" in out
