@@ -61,12 +61,14 @@ def _opt_cases(params, kind: str, device: str, strategies: list[str]):
         base = torch.optim.Adam(params, lr=LR, fused=True)
         eager = gradcent.Adam(params, lr=LR, fused=True)
         fused = {s: gradcent.Adam(params, lr=LR, impl="fused") for s in strategies}
+        blocked = gradcent.Adam(params, lr=LR, impl="blocked")
     else:
         base = torch.optim.SGD(params, lr=LR, momentum=0.9, fused=True)
         eager = gradcent.SGD(params, lr=LR, momentum=0.9, fused=True)
         fused = {s: gradcent.SGD(params, lr=LR, momentum=0.9, impl="fused") for s in strategies}
+        blocked = gradcent.SGD(params, lr=LR, momentum=0.9, impl="blocked")
     base.step()  # create the shared state
-    for opt in (eager, *fused.values()):
+    for opt in (eager, blocked, *fused.values()):
         opt.state = base.state
     first = {}
     for strategy, opt in fused.items():
@@ -77,6 +79,7 @@ def _opt_cases(params, kind: str, device: str, strategies: list[str]):
         f"official GC loop + torch {name}": lambda: (official_gc(grads), base.step()),
         f"pytorch_optimizer GC + torch {name}": lambda: (centralize_gradient(grads), base.step()),
         f"gradcent eager + torch {name}": eager.step,
+        f"gradcent blocked {name}": blocked.step,
     }
     for strategy, opt in fused.items():
         cases[f"gradcent fused {name} [{strategy}]"] = lambda o=opt, s=strategy: _fused(o, s)
@@ -99,7 +102,19 @@ def _pass_cases(params) -> dict[str, Callable[[], object]]:
         "official GC pass": lambda: official_gc(grads),
         "pytorch_optimizer GC pass": lambda: centralize_gradient(grads),
         "gradcent eager GC pass": lambda: holder._gc.before(holder),
+        "gradcent eager GC pass, unblocked": lambda: _unblocked(lambda: holder._gc.before(holder)),
     }
+
+
+def _unblocked(fn: Callable[[], object]) -> None:
+    """Run ``fn`` with gradcent.core's row blocking switched off (the old pass)."""
+    import gradcent.core as core
+
+    saved, core.BLOCK_BYTES = core.BLOCK_BYTES, 1 << 62
+    try:
+        fn()
+    finally:
+        core.BLOCK_BYTES = saved
 
 
 def bench_set(label: str, shapes, device: str, repeats: int, strategies: list[str]) -> dict:
@@ -177,6 +192,10 @@ def targets(sets: dict[str, dict], step: dict | None, strategy: str) -> dict[str
         copy = m["gradcent eager GC pass"] / m["copy of the gradients"]
         out[f"{names[0]} [{label}]"] = (f"{adam:.3f}x", adam <= TARGETS[names[0]])
         out[f"{names[1]} [{label}]"] = (f"{sgd:.3f}x", sgd <= TARGETS[names[1]])
+        for i, key in enumerate(("Adam", "SGDM")):
+            b = m[f"gradcent blocked {key}"] / m[f"torch fused {key} (no GC)"]
+            name = names[i].replace("fused GC", "blocked GC")
+            out[f"{name} [{label}]"] = (f"{b:.3f}x", b <= TARGETS[names[i]])
         out[f"{names[2]} [{label}]"] = (f"{copy:.3f}x", copy <= TARGETS[names[2]])
     if step is not None:
         for which in ("eager", "fused"):

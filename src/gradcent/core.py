@@ -24,6 +24,17 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Same-shaped tensors below this size are centred together in one stacked call:
 # for small tensors the kernel-launch cost dominates the memory traffic.
 _STACK_MAX_NUMEL = 1 << 16
+# Gradients larger than two blocks are centred block by block of whole rows, so
+# the subtraction re-reads each block from cache: about one read and one write
+# from memory, like a copy. 2 MiB was the best measured on a 2-core EPYC (L2
+# 1 MiB per core, L3 32 MiB): smaller blocks pay per-call and OpenMP overhead,
+# larger ones fall out of cache (docs/BENCHMARKS.md).
+BLOCK_BYTES = 2 << 20
+# Rows are blocked only up to torch's CPU reduction grain (32768 elements): one
+# thread then sums a row in one order whatever the number of rows, so a block's
+# means equal the whole tensor's bit for bit. Longer rows may be split between
+# threads differently in a block and in the whole tensor; they are not blocked.
+_BLOCK_MAX_ROW = 1 << 15
 
 
 def _resolve_dims(t: Tensor, dims: Dims) -> tuple[int, ...]:
@@ -181,8 +192,26 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
         _centralize_dtensor_(t, rdims, groups)
         return t
     view, vdims = _unit_view(t, rdims, groups)
+    if groups == 1 and _blockable(t, rdims):
+        for block in row_blocks(t.view(t.shape[0], -1), BLOCK_BYTES):
+            _subtract_mean_(block, (1,))
+        return t
     _subtract_mean_(view, vdims)
     return t
+
+
+def _blockable(t: Tensor, rdims: tuple[int, ...]) -> bool:
+    """True for a large contiguous tensor whose units are its rows of ≤ 32768 elements."""
+    if t.dim() < 2 or rdims != tuple(range(1, t.dim())) or not t.is_contiguous():
+        return False
+    big = t.numel() * t.element_size() > 2 * BLOCK_BYTES
+    return big and t.numel() // t.shape[0] <= _BLOCK_MAX_ROW and t.device.type == "cpu"
+
+
+def row_blocks(rows: Tensor, block_bytes: int) -> tuple[Tensor, ...]:
+    """Split a (units, M) tensor into views of whole rows, about ``block_bytes`` each."""
+    per = max(1, block_bytes // max(1, rows.shape[1] * rows.element_size()))
+    return rows.split(per)
 
 
 def centralize(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:

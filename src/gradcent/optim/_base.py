@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradcent.optim._blocked import blocked_step, check_blocked_options
 from gradcent.optim._engine import Centralizer
 from gradcent.optim._fused import check_fused_options, check_impl, fused_step
 from gradcent.rules import Selector, check_mode, plan
@@ -89,12 +90,14 @@ class GCMixin:
         super().zero_grad(set_to_none)
 
     def _init_impl(self, impl: str) -> None:
-        """Validate ``impl=`` ("default": GC pass + torch's step; "fused": compiled)."""
+        """Validate ``impl=`` ("default", "fused": compiled, "blocked": cache blocks)."""
         self.impl = check_impl(impl)
         # Kept in defaults too: torch pickles/deep-copies only defaults, state, groups.
         self.defaults["impl"] = self.impl
         if self.impl == "fused":
             check_fused_options(self)
+        elif self.impl == "blocked":
+            check_blocked_options(self)
 
     def _pre_update(self) -> None:
         """Hook for subclasses: runs after GC, before the parent's update."""
@@ -115,8 +118,12 @@ class GCMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.defaults.get("impl", "default") == "fused":
+        impl = self.defaults.get("impl", "default")
+        if impl == "fused":
             fused_step(self)
+            return loss
+        if impl == "blocked":
+            blocked_step(self)
             return loss
         self._gc.before(self)
         try:

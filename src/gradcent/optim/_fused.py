@@ -40,7 +40,7 @@ from gradcent.core import _is_dtensor, centralize
 from gradcent.optim._engine import has_coupled_decay
 from gradcent.rules import Spec
 
-IMPLS = ("default", "fused")
+IMPLS = ("default", "fused", "blocked")
 # Scalar slots passed to the kernels as one small tensor, so that a learning-rate
 # schedule or the step count changes a value, never a guard (no recompilation).
 _SGD_SLOTS = ("lr", "momentum", "damp", "l2", "decay_mul", "g_coef", "buf_coef")
@@ -52,7 +52,8 @@ def check_impl(impl: object) -> str:
 
     Args:
         impl: ``"default"`` (GC pass, then torch's step: the ground truth) or
-            ``"fused"`` (GC and update in one compiled kernel).
+            ``"fused"`` (GC and update in one compiled kernel) or ``"blocked"``
+            (GC then torch's fused kernel, block by block: :mod:`._blocked`).
 
     Returns:
         ``impl``.
@@ -62,7 +63,7 @@ def check_impl(impl: object) -> str:
 
     """
     if impl not in IMPLS:
-        raise ValueError(f"Invalid impl: {impl!r} (expected 'default' or 'fused')")
+        raise ValueError(f"Invalid impl: {impl!r} (expected 'default', 'fused' or 'blocked')")
     return impl  # type: ignore[return-value]
 
 

@@ -1,0 +1,235 @@
+"""The blocked step: GC and torch's own fused kernel, one cache-sized block at a time.
+
+``impl="blocked"`` walks each large centred parameter in blocks of whole rows
+(units) of about :data:`gradcent.core.BLOCK_BYTES` of gradient. For each block
+it computes ĝ = P(g + αw) into a small scratch buffer (the same decay folding
+as the default path, α = ±λ for coupled decay), then calls torch's fused kernel
+(``torch._fused_adam_``, ``torch._fused_adamw_``, ``torch._fused_sgd_``) on the
+views of p, ĝ and the state of that block, while ĝ is still in cache. Memory
+traffic is that of torch's fused step: the gradient is read once and never
+written (``p.grad`` is left untouched, as with ``impl="fused"``).
+
+Small centred parameters get ĝ the same way, whole, and every parameter of a
+group whose ĝ is ready (and every non-centred one) goes through one multi-tensor
+kernel call. The state is torch's fused state (``step`` a float32 tensor on the
+parameter's device, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
+``momentum_buffer``), so state dicts move freely between impls.
+
+References:
+    Yong et al., ECCV 2020, Algorithm 1 (SGDM + GC), Algorithm 2 (Adam + GC),
+    §3.4 (ĝ = P(g + λw)).
+
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradcent.core import BLOCK_BYTES, _is_dtensor, _subtract_mean_, centralize, row_blocks
+from gradcent.optim._engine import has_coupled_decay
+
+
+def check_blocked_options(optimizer: torch.optim.Optimizer) -> None:
+    """Reject what the blocked path does not implement, naming it.
+
+    Raises:
+        ValueError: for an optimizer other than SGD/SGDW/Adam/AdamW, or for
+            ``capturable`` / ``differentiable``.
+
+    """
+    _kind(optimizer)
+    for group in optimizer.param_groups:
+        for key in ("capturable", "differentiable"):
+            if group.get(key):
+                raise ValueError(f"impl='blocked' does not support {key}=True")
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> str:
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return "adam"
+    raise ValueError(f"impl='blocked' has no kernel for {type(optimizer).__name__}")
+
+
+def _decoupled(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) or bool(
+        group.get("decoupled_weight_decay", False) or getattr(optimizer, "decoupled", False)
+    )
+
+
+class _Lists:
+    """Arguments of one multi-tensor kernel call."""
+
+    def __init__(self) -> None:
+        self.ps: list[Tensor] = []
+        self.gs: list[Tensor] = []
+        self.states: list[list[Tensor]] = []
+
+
+def _state(optimizer, kind: str, group: dict[str, Any], p: Tensor) -> tuple[list[Tensor], bool]:
+    """Torch's fused state of ``p`` (made if missing), and whether SGD's buffer is new."""
+    state = optimizer.state[p]
+    if kind == "sgd":
+        if not group["momentum"]:
+            return [], False
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            return [state["momentum_buffer"]], True
+        return [buf], False
+    if len(state) == 0:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for name in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+        state["step"] = state["step"].to(p.device, torch.float32)  # from a for-loop state
+    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+    return [state[n] for n in names], False
+
+
+def _kernel(kind, optimizer, group, ps, gs, states, step, wd: float, first: bool) -> None:
+    """Torch's fused kernel on lists of tensors (one block or one batch)."""
+    maximize = group.get("maximize", False)
+    if kind == "sgd":
+        torch._fused_sgd_(
+            ps,
+            gs,
+            [s[0] for s in states] if group["momentum"] else [],
+            weight_decay=wd,
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=maximize,
+            is_first_step=first,
+            grad_scale=None,
+            found_inf=None,
+        )
+        return
+    fn = torch._fused_adamw_ if _decoupled(optimizer, group) else torch._fused_adam_
+    beta1, beta2 = group["betas"]
+    fn(
+        ps,
+        gs,
+        [s[0] for s in states],
+        [s[1] for s in states],
+        [s[2] for s in states] if group["amsgrad"] else [],
+        step,
+        amsgrad=group["amsgrad"],
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=wd,
+        eps=group["eps"],
+        maximize=maximize,
+        grad_scale=None,
+        found_inf=None,
+    )
+
+
+def _centred_into(out: Tensor, g: Tensor, w: Tensor, alpha: float) -> Tensor:
+    """Write P(g + αw) into ``out`` on (units, M) rows, fp32 means for fp16/bf16."""
+    if alpha:
+        torch.add(g, w, alpha=alpha, out=out)
+    else:
+        out.copy_(g)
+    _subtract_mean_(out, (1,))
+    return out
+
+
+def _rows_ok(p: Tensor, tensors: list[Tensor], spec) -> bool:
+    """True when ``p``'s units are its contiguous rows and grad/state share its layout."""
+    if p.numel() == 0 or p.dim() < 2 or not p.is_contiguous():
+        return False
+    if spec.groups != 1 or tuple(spec.dims) != tuple(range(1, p.dim())):
+        return False
+    return all(t.is_contiguous() and t.shape == p.shape for t in tensors)
+
+
+@torch.no_grad()
+def blocked_step(optimizer: torch.optim.Optimizer) -> None:
+    """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, block by block.
+
+    Args:
+        optimizer: a gradcent optimizer built with ``impl="blocked"``.
+
+    Raises:
+        ValueError: for sparse gradients, DTensor parameters or GradScaler's
+            fused-step scaling, which this path does not implement.
+
+    References:
+        Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
+
+    """
+    if getattr(optimizer, "grad_scale", None) is not None:
+        raise ValueError("impl='blocked' does not take GradScaler's grad_scale; use 'default'")
+    kind = _kind(optimizer)
+    gc = optimizer._gc
+    # P is idempotent: gradients centred earlier by centralize_grads() (maybe
+    # clipped since) give P(Pg + αw) = Pg + αP(w), the default path's rule.
+    gc.discard_pending()
+    for group in optimizer.param_groups:
+        gplan = gc._group_plan(group)
+        wd = float(group.get("weight_decay", 0.0))
+        decoupled = _decoupled(optimizer, group)
+        coupled = bool(wd) and has_coupled_decay(optimizer, group)
+        # α: coupled decay folded into ĝ (negated when maximizing, as torch negates g).
+        alpha = (-wd if group.get("maximize", False) else wd) if coupled else 0.0
+        # SGDW shrinks the weights itself; AdamW's kernel does (weight_decay=wd).
+        shrink = 1.0 - float(group["lr"]) * wd if decoupled and kind == "sgd" and wd else 1.0
+        kernel_wd_plain = wd if (coupled or (decoupled and kind == "adam")) else 0.0
+        kernel_wd_centred = wd if decoupled and kind == "adam" else 0.0
+        batches: dict[tuple, _Lists] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("impl='blocked' needs dense gradients")
+            if _is_dtensor(p):
+                raise ValueError(
+                    "impl='blocked' does not support DTensor parameters; use 'default'"
+                )
+            spec = gc._spec(gplan, p) if gplan.mode is not None else None
+            states, first = _state(optimizer, kind, group, p)
+            step = [optimizer.state[p]["step"]] if kind == "adam" else []
+            if step:
+                step[0] += 1  # once per step, before any block, as torch does
+            pd, g = p.detach(), p.grad
+            if shrink != 1.0:
+                pd.mul_(shrink)
+            if spec is None:
+                key = (p.device, p.dtype, False, first)
+            elif _rows_ok(pd, [g, *states], spec) and g.numel() * g.element_size() > BLOCK_BYTES:
+                _blocks(
+                    kind, optimizer, group, pd, g, states, step, alpha, kernel_wd_centred, first
+                )
+                continue
+            else:
+                g = centralize(g + alpha * pd if alpha else g, spec.dims, spec.groups)
+                key = (p.device, p.dtype, True, first)
+            lists = batches.setdefault(key, _Lists())
+            lists.ps.append(pd)
+            lists.gs.append(g)
+            lists.states.append(states + step)
+        for (_, _, centred, first), lists in batches.items():
+            kwd = kernel_wd_centred if centred else kernel_wd_plain
+            steps = [s[-1] for s in lists.states] if kind == "adam" else []
+            states = [s[:-1] for s in lists.states] if kind == "adam" else lists.states
+            _kernel(kind, optimizer, group, lists.ps, lists.gs, states, steps, kwd, first)
+
+
+def _blocks(kind, optimizer, group, p, g, states, step, alpha, wd, first) -> None:
+    """ĝ and the kernel, one block of whole rows at a time (ĝ stays in cache)."""
+    units = p.shape[0]
+    rows = [t.view(units, -1) for t in (p, g, *states)]
+    scratch = None
+    for blocks in zip(*(row_blocks(r, BLOCK_BYTES) for r in rows), strict=True):
+        pb, gb, *sb = blocks
+        if scratch is None or scratch.shape != gb.shape:
+            scratch = torch.empty_like(gb)
+        ghat = _centred_into(scratch, gb, pb, alpha)
+        _kernel(kind, optimizer, group, [pb], [ghat], [sb], step, wd, first)
