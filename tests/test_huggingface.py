@@ -1,5 +1,8 @@
 """Hugging Face Trainer with gradcent optimizers, on a tiny BERT built from a config."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -14,18 +17,21 @@ from gradcent.integrations.huggingface import (
 pytestmark = pytest.mark.integrations
 
 
+def _load_example():
+    # The test trains the very model the example documents (one definition).
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_EXAMPLE = _load_example()
+
+
 def _model():
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(config)
+    return _EXAMPLE.tiny_bert()
 
 
 class _Data(torch.utils.data.Dataset):
