@@ -10,7 +10,18 @@
 # 8.5 GB of GPU memory; the ResNet-18 step runs 20 timed rounds.
 set -euo pipefail
 
+# The lent H200 runs its own image (python3 with torch, torchvision, triton; no
+# registry access) and lacks pytorch_optimizer. Carry it as a wheel, prepared
+# here with:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       -d .whl pytorch_optimizer==4.1.0
+# and name `.whl` in the run's carry list; it is installed below when present.
 OUT=${OUT:-benchmarks/results}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 mkdir -p "$OUT"
 if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=${PY:-python3}; fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
