@@ -124,15 +124,18 @@ def test_blocks_split_unevenly(small_blocks):
     assert sizes == [7, 7, 7, 7, 2]
 
 
-def test_leaves_grad_untouched(small_blocks):
+def test_grad_left_as_documented(small_blocks):
     params = _params()
     _grads(params, 0)
     before = [None if p.grad is None else p.grad.clone() for p in params]
     gradcent.Adam(params, lr=1e-2, impl="blocked").step()
     for p, g in zip(params, before, strict=True):
         assert (p.grad is None) == (g is None)
-        if g is not None:
-            assert torch.equal(p.grad, g)
+        if g is None:
+            continue
+        # Blocked tensors keep their gradient; small ones are centred as by "default".
+        want = g if g.numel() * 4 > SMALL_BLOCK or g.dim() < 2 else core.centralize(g)
+        assert torch.equal(p.grad, want)
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
@@ -179,3 +182,23 @@ def test_blocked_gc_pass_bit_identical(monkeypatch, shape, dtype):
     got = core.centralize_(g.clone())
     assert torch.equal(got, want)
     assert core._blockable(g, tuple(range(1, g.dim()))) == (g.numel() // g.shape[0] <= 32768)
+
+
+@pytest.mark.parametrize("impl_kind", ["adam", "sgd"])
+def test_channels_last_takes_the_unblocked_path(small_blocks, impl_kind):
+    def run(impl):
+        gen = torch.Generator().manual_seed(3)
+        w = torch.randn(12, 6, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+        p = torch.nn.Parameter(w)
+        kw = {"impl": impl, "fused": impl == "default", "weight_decay": 1e-2}
+        if impl_kind == "adam":
+            opt = gradcent.Adam([p], lr=1e-2, **kw)
+        else:
+            opt = gradcent.SGD([p], lr=0.1, momentum=0.9, **kw)
+        for _ in range(5):
+            g = torch.randn(p.shape, generator=gen).to(memory_format=torch.channels_last)
+            p.grad = g
+            opt.step()
+        return p
+
+    torch.testing.assert_close(run("blocked"), run("default"), rtol=1e-5, atol=1e-6)

@@ -7,11 +7,13 @@ as the default path, α = ±λ for coupled decay), then calls torch's fused kern
 (``torch._fused_adam_``, ``torch._fused_adamw_``, ``torch._fused_sgd_``) on the
 views of p, ĝ and the state of that block, while ĝ is still in cache. Memory
 traffic is that of torch's fused step: the gradient is read once and never
-written (``p.grad`` is left untouched, as with ``impl="fused"``).
+written.
 
-Small centred parameters get ĝ the same way, whole, and every parameter of a
-group whose ĝ is ready (and every non-centred one) goes through one multi-tensor
-kernel call. The state is torch's fused state (``step`` a float32 tensor on the
+Small centred parameters (and rare layouts: grouped ConvTranspose,
+non-contiguous) are centred in place exactly as the default path does, and go
+with every non-centred parameter through one multi-tensor kernel call per group
+(the gradient of a blocked parameter is left untouched; a small one is centred).
+The state is torch's fused state (``step`` a float32 tensor on the
 parameter's device, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
 ``momentum_buffer``), so state dicts move freely between impls.
 
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradcent.core import BLOCK_BYTES, _is_dtensor, _subtract_mean_, centralize, row_blocks
+from gradcent.core import BLOCK_BYTES, _is_dtensor, _subtract_mean_, centralize_, row_blocks
 from gradcent.optim._engine import has_coupled_decay
 
 
@@ -141,6 +143,17 @@ def _centred_into(out: Tensor, g: Tensor, w: Tensor, alpha: float) -> Tensor:
     return out
 
 
+def _fold_in_place(g: Tensor, w: Tensor, alpha: float, spec) -> None:
+    """As the default path: g ← P(g + αw) − αw in place (just P g without decay)."""
+    if not alpha:
+        centralize_(g, spec.dims, spec.groups)
+        return
+    decay = w * alpha
+    g.add_(decay)
+    centralize_(g, spec.dims, spec.groups)
+    g.sub_(decay)
+
+
 def _rows_ok(p: Tensor, tensors: list[Tensor], spec) -> bool:
     """True when ``p``'s units are its contiguous rows and grad/state share its layout."""
     if p.numel() == 0 or p.dim() < 2 or not p.is_contiguous():
@@ -202,21 +215,23 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
             if shrink != 1.0:
                 pd.mul_(shrink)
             if spec is None:
-                key = (p.device, p.dtype, False, first)
+                key = (p.device, p.dtype, first)
             elif _rows_ok(pd, [g, *states], spec) and g.numel() * g.element_size() > BLOCK_BYTES:
                 _blocks(
                     kind, optimizer, group, pd, g, states, step, alpha, kernel_wd_centred, first
                 )
                 continue
             else:
-                g = centralize(g + alpha * pd if alpha else g, spec.dims, spec.groups)
-                key = (p.device, p.dtype, True, first)
+                # Small or rare layouts: the default path's in-place GC of p.grad,
+                # g' = P(g + αw) − αw, then the kernel adds its own decay as usual.
+                _fold_in_place(g, pd, alpha, spec)
+                key = (p.device, p.dtype, first)
             lists = batches.setdefault(key, _Lists())
             lists.ps.append(pd)
             lists.gs.append(g)
             lists.states.append(states + step)
-        for (_, _, centred, first), lists in batches.items():
-            kwd = kernel_wd_centred if centred else kernel_wd_plain
+        for (_, _, first), lists in batches.items():
+            kwd = kernel_wd_plain
             steps = [s[-1] for s in lists.states] if kind == "adam" else []
             states = [s[:-1] for s in lists.states] if kind == "adam" else lists.states
             _kernel(kind, optimizer, group, lists.ps, lists.gs, states, steps, kwd, first)
