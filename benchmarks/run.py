@@ -11,7 +11,8 @@ it times, interleaved round by round on the same parameters and gradients:
 torch's fused Adam and fused SGD momentum without GC; the official repo's
 per-parameter GC loop, then torch's step; ``pytorch_optimizer.centralize_gradient``,
 then torch's step; gradcent's eager path (GC pass, then torch's fused step);
-gradcent's fused step; the GC passes alone and a plain copy of the gradients.
+gradcent's fused step; gradcent's blocked step (``impl="blocked"``); the GC
+passes alone (row-blocked and unblocked) and a plain copy of the gradients.
 Then GC's share of a CIFAR ResNet-18 training step (batch 128, 32x32). It prints
 medians, ratios and which of the issue's targets are met.
 
