@@ -202,3 +202,17 @@ def test_channels_last_takes_the_unblocked_path(small_blocks, impl_kind):
         return p
 
     torch.testing.assert_close(run("blocked"), run("default"), rtol=1e-5, atol=1e-6)
+
+
+def test_centralize_grads_then_clip(small_blocks):
+    def run(impl):
+        params = _params()
+        opt = gradcent.Adam(params, lr=1e-2, weight_decay=1e-2, impl=impl, fused=impl == "default")
+        for t in range(3):
+            _grads(params, t)
+            opt.centralize_grads()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        return params
+
+    torch.testing.assert_close(run("blocked"), run("default"), rtol=1e-5, atol=1e-6)
