@@ -39,29 +39,12 @@ from gradcent.core import (
     row_blocks,
 )
 from gradcent.optim._engine import has_coupled_decay
+from gradcent.optim._fused import check_options, kernel_kind
 
 
 def check_blocked_options(optimizer: torch.optim.Optimizer) -> None:
-    """Reject what the blocked path does not implement, naming it.
-
-    Raises:
-        ValueError: for an optimizer other than SGD/SGDW/Adam/AdamW, or for
-            ``capturable`` / ``differentiable``.
-
-    """
-    _kind(optimizer)
-    for group in optimizer.param_groups:
-        for key in ("capturable", "differentiable"):
-            if group.get(key):
-                raise ValueError(f"impl='blocked' does not support {key}=True")
-
-
-def _kind(optimizer: torch.optim.Optimizer) -> str:
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd"
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return "adam"
-    raise ValueError(f"impl='blocked' has no kernel for {type(optimizer).__name__}")
+    """Reject ``capturable`` / ``differentiable`` and optimizers without a kernel."""
+    check_options(optimizer, "blocked", ("capturable", "differentiable"))
 
 
 def _decoupled(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
@@ -190,7 +173,7 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
     """
     if getattr(optimizer, "grad_scale", None) is not None:
         raise ValueError("impl='blocked' does not take GradScaler's grad_scale; use 'default'")
-    kind = _kind(optimizer)
+    kind = kernel_kind(optimizer, "blocked")
     gc = optimizer._gc
     # P is idempotent: gradients centred earlier by centralize_grads() (maybe
     # clipped since) give P(Pg + αw) = Pg + αP(w), the default path's rule.

@@ -67,30 +67,45 @@ def check_impl(impl: object) -> str:
     return impl  # type: ignore[return-value]
 
 
-def check_fused_options(optimizer: torch.optim.Optimizer) -> None:
-    """Reject torch options the fused path does not implement, naming them.
+def check_options(
+    optimizer: torch.optim.Optimizer, impl: str, unsupported: tuple[str, ...]
+) -> None:
+    """Reject torch options a non-default impl does not implement, naming them.
 
     Args:
-        optimizer: a gradcent SGD, SGDW, Adam or AdamW built with ``impl="fused"``.
+        optimizer: a gradcent SGD, SGDW, Adam or AdamW.
+        impl: ``"fused"`` or ``"blocked"``, for the message.
+        unsupported: group options that must be off (``"capturable"``, ...).
 
     Raises:
-        ValueError: for ``fused=True``, ``capturable``, ``differentiable`` or an
-            optimizer the fused path has no kernel for.
+        ValueError: for an optimizer the impl has no kernel for, or an option
+            in ``unsupported`` that is on.
 
     """
-    _kind(optimizer)
+    kernel_kind(optimizer, impl)
     for group in optimizer.param_groups:
-        for key in ("fused", "capturable", "differentiable"):
+        for key in unsupported:
             if group.get(key):
-                raise ValueError(f"impl='fused' does not support {key}=True")
+                raise ValueError(f"impl={impl!r} does not support {key}=True")
 
 
-def _kind(optimizer: torch.optim.Optimizer) -> str:
+def check_fused_options(optimizer: torch.optim.Optimizer) -> None:
+    """Reject ``fused=True``, ``capturable``, ``differentiable`` for ``impl="fused"``."""
+    check_options(optimizer, "fused", ("fused", "capturable", "differentiable"))
+
+
+def kernel_kind(optimizer: torch.optim.Optimizer, impl: str = "fused") -> str:
+    """``"sgd"`` (SGD, SGDW) or ``"adam"`` (Adam, AdamW): which update kernel runs.
+
+    Raises:
+        ValueError: naming the optimizer when ``impl`` has no kernel for it.
+
+    """
     if isinstance(optimizer, torch.optim.SGD):
         return "sgd"
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return "adam"
-    raise ValueError(f"impl='fused' has no kernel for {type(optimizer).__name__}")
+    raise ValueError(f"impl={impl!r} has no kernel for {type(optimizer).__name__}")
 
 
 # ---------------------------------------------------------------- the math
@@ -362,7 +377,7 @@ def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") ->
         Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
 
     """
-    kind = _kind(optimizer)
+    kind = kernel_kind(optimizer)
     gc = optimizer._gc
     # P is idempotent, so gradients centred earlier by centralize_grads() (and
     # maybe clipped since) give P(Pg + λw) = Pg + λP(w): the default path's rule.
