@@ -191,12 +191,11 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
     if _is_dtensor(t):
         _centralize_dtensor_(t, rdims, groups)
         return t
-    view, vdims = _unit_view(t, rdims, groups)
     if groups == 1 and _blockable(t, rdims):
         for block in row_blocks(t.view(t.shape[0], -1), BLOCK_BYTES):
             _subtract_mean_(block, (1,))
         return t
-    _subtract_mean_(view, vdims)
+    _subtract_mean_(*_unit_view(t, rdims, groups))
     return t
 
 
