@@ -98,6 +98,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=parse_seeds, help="N (seeds 0..N-1) or a comma list")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--subset", type=_positive_int, help="use only this many samples")
+    p.add_argument("--image-size", type=_positive_int,
+                   help="detection models: resize target (default 800; small for CPU smoke runs)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CONFIG_OPTIONS = ("dataset", "data", "model", "norm", "ws", "pretrained", "variants", "seeds",
-                   "epochs", "subset", "batch_size", "lr", "momentum", "weight_decay",
+                   "epochs", "subset", "image_size", "batch_size", "lr", "momentum", "weight_decay",
                    "optimizer", "gc_mode", "sweep", "device", "workers", "threads", "quiet")
 
 

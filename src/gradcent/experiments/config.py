@@ -34,6 +34,9 @@ class RunConfig:
         data: folder or file of the dataset (None for the bundled digits).
         fine_grained: fine-grained transforms (resize 512, crop 448; §5.5).
         subset: keep only this many training (and test) samples, for smoke runs.
+        image_size: detection models only: the resize target of their transform
+            (torchvision's default 800 when None); small values make CPU smoke
+            runs of the COCO presets feasible.
         model: model name understood by ``experiments.models``.
         norm: normalisation layer of the model (``"bn"``, ``"gn"``, ...).
         ws: weight-standardised convolutions.
@@ -67,6 +70,7 @@ class RunConfig:
     data: str | None = None
     fine_grained: bool = False
     subset: int | None = None
+    image_size: int | None = None
     model: str = "smallcnn"
     norm: str = "bn"
     ws: bool = False
@@ -167,6 +171,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"Invalid batch size: {cfg.batch_size} (expected >= 1)")
     if cfg.subset is not None and cfg.subset < 1:
         raise ValueError(f"Invalid subset: {cfg.subset} (expected >= 1)")
+    if cfg.image_size is not None and cfg.image_size < 32:
+        raise ValueError(f"Invalid image size: {cfg.image_size} (expected >= 32)")
     if cfg.workers < 0:
         raise ValueError(f"Invalid workers: {cfg.workers} (expected >= 0)")
     if cfg.threads < 0:

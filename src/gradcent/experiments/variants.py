@@ -90,10 +90,11 @@ def reference_variant(names: Iterable[str]) -> str:
 
 
 def model_options(cfg: RunConfig, variant: Variant) -> dict[str, Any]:
-    """The ``norm`` / ``ws`` a variant's model is built with."""
+    """The ``norm`` / ``ws`` a variant's model is built with, and its image size."""
     return {
         "norm": variant.norm if variant.norm is not None else cfg.norm,
         "ws": variant.ws if variant.ws is not None else cfg.ws,
+        "image_size": cfg.image_size,
     }
 
 
