@@ -91,13 +91,17 @@ class GCMixin:
 
     def _init_impl(self, impl: str) -> None:
         """Validate ``impl=`` ("default", "fused": compiled, "blocked": cache blocks)."""
-        self.impl = check_impl(impl)
-        # Kept in defaults too: torch pickles/deep-copies only defaults, state, groups.
-        self.defaults["impl"] = self.impl
-        if self.impl == "fused":
+        # Kept in defaults: torch pickles/deep-copies only defaults, state, groups.
+        self.defaults["impl"] = check_impl(impl)
+        if impl == "fused":
             check_fused_options(self)
-        elif self.impl == "blocked":
+        elif impl == "blocked":
             check_blocked_options(self)
+
+    @property
+    def impl(self) -> str:
+        """``"default"``, ``"fused"`` or ``"blocked"``: how :meth:`step` runs."""
+        return self.defaults.get("impl", "default")
 
     def _pre_update(self) -> None:
         """Hook for subclasses: runs after GC, before the parent's update."""
@@ -118,7 +122,7 @@ class GCMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        impl = self.defaults.get("impl", "default")
+        impl = self.impl
         if impl == "fused":
             fused_step(self)
             return loss

@@ -38,19 +38,13 @@ from gradcent.core import (
     centralize_,
     row_blocks,
 )
-from gradcent.optim._engine import has_coupled_decay
+from gradcent.optim._engine import has_coupled_decay, has_decoupled_decay
 from gradcent.optim._fused import check_options, kernel_kind
 
 
 def check_blocked_options(optimizer: torch.optim.Optimizer) -> None:
     """Reject ``capturable`` / ``differentiable`` and optimizers without a kernel."""
     check_options(optimizer, "blocked", ("capturable", "differentiable"))
-
-
-def _decoupled(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) or bool(
-        group.get("decoupled_weight_decay", False) or getattr(optimizer, "decoupled", False)
-    )
 
 
 class _Lists:
@@ -102,7 +96,7 @@ def _kernel(kind, optimizer, group, ps, gs, states, step, wd: float, first: bool
             found_inf=None,
         )
         return
-    fn = torch._fused_adamw_ if _decoupled(optimizer, group) else torch._fused_adam_
+    fn = torch._fused_adamw_ if has_decoupled_decay(optimizer, group) else torch._fused_adam_
     beta1, beta2 = group["betas"]
     fn(
         ps,
@@ -181,7 +175,7 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         gplan = gc._group_plan(group)
         wd = float(group.get("weight_decay", 0.0))
-        decoupled = _decoupled(optimizer, group)
+        decoupled = has_decoupled_decay(optimizer, group)
         coupled = bool(wd) and has_coupled_decay(optimizer, group)
         # α: coupled decay folded into ĝ (negated when maximizing, as torch negates g).
         alpha = (-wd if group.get("maximize", False) else wd) if coupled else 0.0

@@ -43,13 +43,20 @@ COUPLED_DECAY: tuple[type, ...] = (
 WHERE = ("gradient", "update")
 
 
+def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """True when ``group``'s decay shrinks the weights directly (AdamW, SGDW, ...)."""
+    return (
+        isinstance(optimizer, torch.optim.AdamW)
+        or bool(group.get("decoupled_weight_decay", False))
+        or getattr(optimizer, "decoupled", False)
+    )
+
+
 def has_coupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
     """True when ``group``'s decay is L2 added to the gradient (fold it into GC)."""
-    if not group.get("weight_decay"):
+    if not group.get("weight_decay") or has_decoupled_decay(optimizer, group):
         return False
-    if isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False):
-        return False
-    return isinstance(optimizer, COUPLED_DECAY) and not getattr(optimizer, "decoupled", False)
+    return isinstance(optimizer, COUPLED_DECAY)
 
 
 class Centralizer:
