@@ -113,6 +113,13 @@ def _is_dtensor(t: Tensor) -> bool:
     return mod is not None and isinstance(t, mod.DTensor)
 
 
+def _mesh_dims_splitting_units(t: Tensor, rdims: Sequence[int]) -> list[int]:
+    """Mesh dims of DTensor ``t`` whose ``Shard(d)`` cuts units (``d`` a reduction dim)."""
+    from torch.distributed.tensor import Shard
+
+    return [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard) and pl.dim in rdims]
+
+
 def _centralize_dtensor_(t: Tensor, rdims: tuple[int, ...], groups: int) -> None:
     """Centralize a DTensor in place, shard by shard.
 
@@ -125,7 +132,7 @@ def _centralize_dtensor_(t: Tensor, rdims: tuple[int, ...], groups: int) -> None
     the path, so every rank joins the same collectives, even with an empty shard.
     """
     import torch.distributed as dist
-    from torch.distributed.tensor import Partial, Shard
+    from torch.distributed.tensor import Partial
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     for pl in t.placements:
@@ -135,7 +142,7 @@ def _centralize_dtensor_(t: Tensor, rdims: tuple[int, ...], groups: int) -> None
     if groups > 1 and t.shape[0] % groups:
         raise ValueError(f"dim 0 of shape {tuple(t.shape)} is not divisible by groups={groups}")
     local = t.to_local()
-    split = [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard) and pl.dim in rdims]
+    split = _mesh_dims_splitting_units(t, rdims)
     if not split:
         if local.numel():
             _subtract_mean_(*_unit_view(local, rdims, groups))

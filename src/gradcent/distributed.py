@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradcent.core import _is_dtensor
+from gradcent.core import _is_dtensor, _mesh_dims_splitting_units
 from gradcent.rules import Plan, Spec, plan
 
 
@@ -84,11 +84,7 @@ def unit_spans_shards(p: Tensor, spec: Spec) -> list[int]:
         Yong et al., ECCV 2020, Eq. 1.
 
     """
-    if not _is_dtensor(p):
-        return []
-    from torch.distributed.tensor import Shard
-
-    return [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard) and pl.dim in spec.dims]
+    return _mesh_dims_splitting_units(p, spec.dims) if _is_dtensor(p) else []
 
 
 def _cost(name: str, p: Tensor, spec: Spec) -> GCCost:
