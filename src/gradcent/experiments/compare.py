@@ -21,6 +21,7 @@ from typing import Any
 
 from gradcent.experiments.config import RunConfig
 from gradcent.experiments.distributed_run import current
+from gradcent.experiments.paper import paper_numbers
 from gradcent.experiments.plots import plot_curves
 from gradcent.experiments.report import format_table, summary_rows, write_results
 from gradcent.experiments.train import load_result, numeric_config, train_run
@@ -65,14 +66,6 @@ def run_dir(out: str | Path, point: str, variant: str, seed: int) -> Path:
     return base / _safe(variant) / f"seed{seed}"
 
 
-def _paper_lookup() -> Callable | None:
-    try:
-        from gradcent.experiments.paper import paper_numbers
-    except ImportError:
-        return None
-    return paper_numbers
-
-
 def run_compare(
     cfg: RunConfig,
     out: str | Path,
@@ -110,7 +103,7 @@ def run_compare(
     if current().is_main:  # under torchrun rank 0 alone writes files
         cfg.save(out / "config.json")
     data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
-                             fine_grained=cfg.fine_grained)
+                         fine_grained=cfg.fine_grained)
     jobs = [(point, pcfg, v, s) for point, pcfg in sweep_points(cfg)
             for v in cfg.variants for s in cfg.seeds]
     if progress is None:
@@ -139,7 +132,7 @@ def run_compare(
     if not current().is_main:
         return Outcome(results, [], "", [], [])
     rows = summary_rows(results, cfg.variants)
-    table = format_table(rows, _paper_lookup(), cfg.paper_table)
+    table = format_table(rows, paper_numbers, cfg.paper_table)
     plots = []
     for point, _ in sweep_points(cfg):
         runs = {v: [r["history"] for r in results if r["point"] == point and r["variant"] == v]
