@@ -1,4 +1,4 @@
-"""impl="blocked" against impl="default" (torch fused=True), and the blocked GC pass."""
+"""impl="blocked" and "native" against impl="default" (torch fused=True); the blocked GC pass."""
 
 from __future__ import annotations
 
@@ -103,12 +103,16 @@ CASES = {
 }
 
 
+FAST = ["blocked", "native"]
+
+
+@pytest.mark.parametrize("fast", FAST)
 @pytest.mark.parametrize("gc", ["all", "conv", "fc", None])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_default(small_blocks, case, gc):
+def test_matches_default(small_blocks, case, gc, fast):
     make = lambda ps, impl: CASES[case](ps, impl, gc)  # noqa: E731
     ref, ref_opt = _run(make, "default")
-    got, got_opt = _run(make, "blocked")
+    got, got_opt = _run(make, fast)
     for a, b in zip(ref, got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     for a, b in zip(ref, got, strict=True):
@@ -138,8 +142,9 @@ def test_grad_left_as_documented(small_blocks):
         assert torch.equal(p.grad, want)
 
 
+@pytest.mark.parametrize("fast", FAST)
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_state_dict_round_trip(small_blocks, kind):
+def test_state_dict_round_trip(small_blocks, kind, fast):
     def make(ps, impl):
         if kind == "adam":
             return gradcent.Adam(ps, lr=1e-2, weight_decay=1e-2, impl=impl, fused=impl == "default")
@@ -147,13 +152,13 @@ def test_state_dict_round_trip(small_blocks, kind):
 
     ref, ref_opt = _run(make, "default", steps=4)
     got = [torch.nn.Parameter(p.detach().clone()) for p in ref]
-    opt = make(got, "blocked")
+    opt = make(got, fast)
     opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
     for t in range(4, 7):
         _grads(ref, t), _grads(got, t)
         ref_opt.step(), opt.step()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    # and back: the blocked state loads into the default path
+    # and back: the fast path's state loads into the default path
     back = [torch.nn.Parameter(p.detach().clone()) for p in got]
     again = make(back, "default")
     again.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -164,10 +169,13 @@ def test_state_dict_round_trip(small_blocks, kind):
     assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
 
 
-def test_rejects_unsupported():
+@pytest.mark.parametrize("fast", FAST)
+def test_rejects_unsupported(fast):
     p = [torch.nn.Parameter(torch.randn(3, 4))]
-    with pytest.raises(ValueError, match="blocked"):
-        gradcent.Adam(p, impl="blocked", capturable=True)
+    with pytest.raises(ValueError, match=f"impl='{fast}' does not support capturable"):
+        gradcent.Adam(p, impl=fast, capturable=True)
+    with pytest.raises(ValueError, match=f"impl='{fast}' has no kernel for Adagrad"):
+        blocked_mod.check_blocked_options(torch.optim.Adagrad(p), fast)
     with pytest.raises(ValueError, match="blocked"):
         gradcent.SGD(p, impl="block")
 
@@ -184,8 +192,9 @@ def test_blocked_gc_pass_bit_identical(monkeypatch, shape, dtype):
     assert core._blockable(g, tuple(range(1, g.dim()))) == (g.numel() // g.shape[0] <= 32768)
 
 
+@pytest.mark.parametrize("fast", FAST)
 @pytest.mark.parametrize("impl_kind", ["adam", "sgd"])
-def test_channels_last_takes_the_unblocked_path(small_blocks, impl_kind):
+def test_channels_last_takes_the_unblocked_path(small_blocks, impl_kind, fast):
     def run(impl):
         gen = torch.Generator().manual_seed(3)
         w = torch.randn(12, 6, 3, 3, generator=gen).to(memory_format=torch.channels_last)
@@ -201,10 +210,11 @@ def test_channels_last_takes_the_unblocked_path(small_blocks, impl_kind):
             opt.step()
         return p
 
-    torch.testing.assert_close(run("blocked"), run("default"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(fast), run("default"), rtol=1e-5, atol=1e-6)
 
 
-def test_centralize_grads_then_clip(small_blocks):
+@pytest.mark.parametrize("fast", FAST)
+def test_centralize_grads_then_clip(small_blocks, fast):
     def run(impl):
         params = _params()
         opt = gradcent.Adam(params, lr=1e-2, weight_decay=1e-2, impl=impl, fused=impl == "default")
@@ -215,4 +225,4 @@ def test_centralize_grads_then_clip(small_blocks):
             opt.step()
         return params
 
-    torch.testing.assert_close(run("blocked"), run("default"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(fast), run("default"), rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ from torch import nn
 from gradcent.optim._blocked import blocked_step, check_blocked_options
 from gradcent.optim._engine import Centralizer
 from gradcent.optim._fused import check_fused_options, check_impl, fused_step
+from gradcent.optim._native import load as load_native
 from gradcent.rules import Selector, check_mode, plan
 
 
@@ -90,17 +91,24 @@ class GCMixin:
         super().zero_grad(set_to_none)
 
     def _init_impl(self, impl: str) -> None:
-        """Validate ``impl=`` ("default", "fused": compiled, "blocked": cache blocks)."""
+        """Validate ``impl=``; "native" builds (first time) and loads its kernel here.
+
+        "default": GC pass then torch's step; "fused": compiled; "blocked":
+        cache blocks; "native": hand-written C++ kernel.
+        """
         # Kept in defaults: torch pickles/deep-copies only defaults, state, groups.
         self.defaults["impl"] = check_impl(impl)
         if impl == "fused":
             check_fused_options(self)
-        elif impl == "blocked":
-            check_blocked_options(self)
+        elif impl in ("blocked", "native"):
+            check_blocked_options(self, impl)
+        if impl == "native":
+            load_native()  # build errors surface here, not at the first step
+        self._gc.native = impl == "native"
 
     @property
     def impl(self) -> str:
-        """``"default"``, ``"fused"`` or ``"blocked"``: how :meth:`step` runs."""
+        """``"default"``, ``"fused"``, ``"blocked"`` or ``"native"``: how :meth:`step` runs."""
         return self.defaults.get("impl", "default")
 
     def _pre_update(self) -> None:
@@ -126,7 +134,7 @@ class GCMixin:
         if impl == "fused":
             fused_step(self)
             return loss
-        if impl == "blocked":
+        if impl in ("blocked", "native"):
             blocked_step(self)
             return loss
         self._gc.before(self)

@@ -40,11 +40,18 @@ from gradcent.core import (
 )
 from gradcent.optim._engine import has_coupled_decay, has_decoupled_decay
 from gradcent.optim._fused import check_options, kernel_kind
+from gradcent.optim._native import unit_rows
 
 
-def check_blocked_options(optimizer: torch.optim.Optimizer) -> None:
-    """Reject ``capturable`` / ``differentiable`` and optimizers without a kernel."""
-    check_options(optimizer, "blocked", ("capturable", "differentiable"))
+def check_blocked_options(optimizer: torch.optim.Optimizer, impl: str = "blocked") -> None:
+    """Reject ``capturable`` / ``differentiable`` and optimizers without a kernel.
+
+    Args:
+        optimizer: a gradcent SGD, SGDW, Adam or AdamW.
+        impl: ``"blocked"`` or ``"native"`` (same options), for the message.
+
+    """
+    check_options(optimizer, impl, ("capturable", "differentiable"))
 
 
 class _Lists:
@@ -150,12 +157,72 @@ def _rows_ok(p: Tensor, tensors: list[Tensor], spec) -> bool:
     return all(t.is_contiguous() and t.shape == p.shape for t in tensors)
 
 
+class _Native:
+    """Arguments of one native kernel call (:mod:`._native`): the whole group."""
+
+    def __init__(self) -> None:
+        self.ps: list[Tensor] = []
+        self.gs: list[Tensor] = []
+        self.states: list[list[Tensor]] = []
+        self.steps: list[Tensor] = []
+        self.rows: list[int] = []
+        self.first: list[bool] = []
+
+
+def _native_kernel(kind, group, lists: _Native, l2: float, decoupled: float) -> None:
+    """One native call: ĝ = P(s·g + l2·w) and the update of every listed parameter."""
+    from gradcent.optim._native import load
+
+    ops = load()
+    lr, maximize = float(group["lr"]), bool(group.get("maximize", False))
+    if kind == "sgd":
+        momentum = float(group["momentum"])
+        ops.sgd_(
+            lists.ps,
+            lists.gs,
+            [s[0] for s in lists.states] if momentum else [],
+            lists.rows,
+            lists.first,
+            lr,
+            momentum,
+            float(group["dampening"]),
+            l2,
+            1.0 - lr * decoupled,
+            bool(group["nesterov"]),
+            maximize,
+        )
+        return
+    beta1, beta2 = group["betas"]
+    amsgrad = bool(group["amsgrad"])
+    ops.adam_(
+        lists.ps,
+        lists.gs,
+        [s[0] for s in lists.states],
+        [s[1] for s in lists.states],
+        [s[2] for s in lists.states] if amsgrad else [],
+        lists.steps,
+        lists.rows,
+        lr,
+        float(beta1),
+        float(beta2),
+        float(group["eps"]),
+        l2,
+        decoupled,
+        amsgrad,
+        maximize,
+    )
+
+
 @torch.no_grad()
 def blocked_step(optimizer: torch.optim.Optimizer) -> None:
     """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, block by block.
 
+    With ``impl="native"`` every parameter the native kernel takes
+    (:func:`gradcent.optim._native.unit_rows`) goes through one native call per
+    group instead, and only the others take the paths below.
+
     Args:
-        optimizer: a gradcent optimizer built with ``impl="blocked"``.
+        optimizer: a gradcent optimizer built with ``impl="blocked"`` or ``"native"``.
 
     Raises:
         ValueError: for sparse gradients, DTensor parameters or GradScaler's
@@ -165,9 +232,10 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
         Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
 
     """
+    impl = optimizer.impl
     if getattr(optimizer, "grad_scale", None) is not None:
-        raise ValueError("impl='blocked' does not take GradScaler's grad_scale; use 'default'")
-    kind = kernel_kind(optimizer, "blocked")
+        raise ValueError(f"impl={impl!r} does not take GradScaler's grad_scale; use 'default'")
+    kind = kernel_kind(optimizer, impl)
     gc = optimizer._gc
     # P is idempotent: gradients centred earlier by centralize_grads() (maybe
     # clipped since) give P(Pg + αw) = Pg + αP(w), the default path's rule.
@@ -184,14 +252,15 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
         kernel_wd_plain = wd if (coupled or (decoupled and kind == "adam")) else 0.0
         kernel_wd_centred = wd if decoupled and kind == "adam" else 0.0
         batches: dict[tuple, _Lists] = {}
+        native = _Native()
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise ValueError("impl='blocked' needs dense gradients")
+                raise ValueError(f"impl={impl!r} needs dense gradients")
             if _is_dtensor(p):
                 raise ValueError(
-                    "impl='blocked' does not support DTensor parameters; use 'default'"
+                    f"impl={impl!r} does not support DTensor parameters; use 'default' or 'fused'"
                 )
             spec = gc._spec(gplan, p) if gplan.mode is not None else None
             states, first = _state(optimizer, kind, group, p)
@@ -199,6 +268,15 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
             if step:
                 step[0] += 1  # once per step, before any block, as torch does
             pd, g = p.detach(), p.grad
+            rows = unit_rows(pd, [g, *states], spec) if impl == "native" else None
+            if rows is not None:
+                native.ps.append(pd)
+                native.gs.append(g)
+                native.states.append(states)
+                native.steps += step
+                native.rows.append(rows)
+                native.first.append(first)
+                continue
             if shrink != 1.0:
                 pd.mul_(shrink)
             if spec is None:
@@ -217,6 +295,8 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
             lists.ps.append(pd)
             lists.gs.append(g)
             lists.states.append(states + step)
+        if native.ps:
+            _native_kernel(kind, group, native, wd if coupled else 0.0, wd if decoupled else 0.0)
         for (_, _, first), lists in batches.items():
             kwd = kernel_wd_plain
             steps = [s[-1] for s in lists.states] if kind == "adam" else []

@@ -78,6 +78,8 @@ class Centralizer:
         # Gradients already centred by centralize_now(), keyed by id(param): the
         # next step leaves them as they are (the user may have clipped them).
         self._pending: dict[int, weakref.ref] = {}
+        # Set by impl="native" optimizers: GC passes use the native kernel (CPU float32).
+        self.native = False
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
@@ -107,12 +109,14 @@ class Centralizer:
             if has_coupled_decay(optimizer, group):
                 self._fold_decay(optimizer, gplan, group, done)
                 continue
+            todo = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 spec = self._spec(gplan, p)
                 if spec is not None and not _is_pending(done, p):
-                    centralize_(p.grad, spec.dims, spec.groups)
+                    todo.append((p.grad, spec))
+            self._centralize_all_(todo)
 
     @torch.no_grad()
     def centralize_now(self, optimizer: torch.optim.Optimizer) -> None:
@@ -135,13 +139,40 @@ class Centralizer:
             gplan = self._group_plan(group)
             if gplan.mode is None:
                 continue
+            todo = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 spec = self._spec(gplan, p)
                 if spec is not None:
-                    centralize_(p.grad, spec.dims, spec.groups)
+                    todo.append((p.grad, spec))
                     self._pending[id(p)] = weakref.ref(p.grad)
+            self._centralize_all_(todo)
+
+    def _centralize_all_(self, todo: list[tuple[Tensor, Any]]) -> None:
+        """``centralize_`` each (gradient, spec).
+
+        With :attr:`native`, every gradient the native kernel takes goes through
+        one kernel call (same math, one pass over memory).
+        """
+        if self.native and todo:
+            from gradcent.optim._native import load, unit_rows
+
+            picked: list[Tensor] = []
+            rows: list[int] = []
+            rest = []
+            for g, spec in todo:
+                r = unit_rows(g, (), spec)
+                if r is None:
+                    rest.append((g, spec))
+                elif r:  # 0: nothing to centre (M = 1 or empty)
+                    picked.append(g)
+                    rows.append(r)
+            if picked:
+                load().centralize_(picked, rows)
+            todo = rest
+        for g, spec in todo:
+            centralize_(g, spec.dims, spec.groups)
 
     def discard_pending(self) -> None:
         """Forget a :meth:`centralize_now` whose step never came (zero_grad, skipped step)."""

@@ -40,7 +40,7 @@ from gradcent.core import _is_dtensor, centralize
 from gradcent.optim._engine import has_coupled_decay
 from gradcent.rules import Spec
 
-IMPLS = ("default", "fused", "blocked")
+IMPLS = ("default", "fused", "blocked", "native")
 # Scalar slots passed to the kernels as one small tensor, so that a learning-rate
 # schedule or the step count changes a value, never a guard (no recompilation).
 _SGD_SLOTS = ("lr", "momentum", "damp", "l2", "decay_mul", "g_coef", "buf_coef")
@@ -51,9 +51,11 @@ def check_impl(impl: object) -> str:
     """Validate an ``impl=`` value.
 
     Args:
-        impl: ``"default"`` (GC pass, then torch's step: the ground truth) or
-            ``"fused"`` (GC and update in one compiled kernel) or ``"blocked"``
-            (GC then torch's fused kernel, block by block: :mod:`._blocked`).
+        impl: ``"default"`` (GC pass, then torch's step: the ground truth),
+            ``"fused"`` (GC and update in one compiled kernel), ``"blocked"``
+            (GC then torch's fused kernel, block by block: :mod:`._blocked`) or
+            ``"native"`` (GC and update in one hand-written C++ pass on CPU:
+            :mod:`._native`).
 
     Returns:
         ``impl``.
@@ -63,7 +65,8 @@ def check_impl(impl: object) -> str:
 
     """
     if impl not in IMPLS:
-        raise ValueError(f"Invalid impl: {impl!r} (expected 'default', 'fused' or 'blocked')")
+        expected = ", ".join(repr(i) for i in IMPLS)
+        raise ValueError(f"Invalid impl: {impl!r} (expected one of {expected})")
     return impl  # type: ignore[return-value]
 
 

@@ -27,8 +27,11 @@ class Adam(GCMixin, torch.optim.Adam):
         gc: ``"all"`` (default), ``"conv"``, ``"fc"`` or None (plain torch Adam).
         model: the model, for per-layer output axes.
         include, exclude: name patterns or callables overriding the plan.
-        impl: ``"default"`` (GC pass, then torch's step) or ``"fused"`` (GC and
-            update in one compiled kernel, see :mod:`gradcent.optim._fused`).
+        impl: ``"default"`` (GC pass, then torch's step), ``"fused"`` (GC and
+            update in one compiled kernel, :mod:`gradcent.optim._fused`),
+            ``"blocked"`` (GC then torch's fused kernel per cache-sized block,
+            :mod:`gradcent.optim._blocked`) or ``"native"`` (GC and update in
+            one hand-written C++ pass on CPU, :mod:`gradcent.optim._native`).
         **kwargs: torch's keyword-only options (``foreach``, ``maximize``,
             ``capturable``, ``differentiable``, ``fused``, ...), passed through.
 

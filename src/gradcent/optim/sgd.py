@@ -32,8 +32,11 @@ class SGD(GCMixin, torch.optim.SGD):
         model: the model, for per-layer output axes (ConvTranspose); without it
             bare-tensor rules apply.
         include, exclude: name patterns or callables overriding the plan.
-        impl: ``"default"`` (GC pass, then torch's step) or ``"fused"`` (GC and
-            update in one compiled kernel, see :mod:`gradcent.optim._fused`).
+        impl: ``"default"`` (GC pass, then torch's step), ``"fused"`` (GC and
+            update in one compiled kernel, :mod:`gradcent.optim._fused`),
+            ``"blocked"`` (GC then torch's fused kernel per cache-sized block,
+            :mod:`gradcent.optim._blocked`) or ``"native"`` (GC and update in
+            one hand-written C++ pass on CPU, :mod:`gradcent.optim._native`).
 
     References:
         Yong et al., ECCV 2020, Algorithm 1 and §3.4.

@@ -1,0 +1,185 @@
+"""impl="native": the C++ kernel's layout rules, threads, fallbacks, GC pass and build.
+
+Agreement with impl="default" for every optimizer option and GC mode is in
+tests/test_blocked.py (parametrized over both fast paths).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gradcent
+import gradcent.optim._native as native
+from gradcent.core import centralize
+from gradcent.rules import Spec
+
+
+def _spec(p: torch.Tensor) -> Spec:
+    return Spec("fc", tuple(range(1, p.dim())))
+
+
+@pytest.mark.parametrize(
+    ("make", "spec", "want"),
+    [
+        (lambda: torch.randn(6, 4, 3, 3), "dims", 6),
+        (lambda: torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last), "dims", 6),
+        (lambda: torch.randn(5, 7), "dims", 5),
+        (lambda: torch.randn(8, 1), "dims", 0),  # M = 1: P is the identity
+        (lambda: torch.randn(0, 3), "dims", 0),
+        (lambda: torch.randn(7), None, 0),  # not centred: updated only
+        (lambda: torch.randn(7, 5).t(), "dims", None),  # units not contiguous runs
+        (lambda: torch.randn(5, 7).bfloat16(), "dims", None),
+        (lambda: torch.randn(5, 7).double(), "dims", None),
+        (lambda: torch.randn(4, 6, 3), Spec("fc", (0, 2), 2), None),  # grouped ConvTranspose
+        (lambda: torch.randn(4, 6, 3), Spec("fc", (0, 2)), None),  # output axis 1
+    ],
+)
+def test_unit_rows(make, spec, want):
+    p = make()
+    s = _spec(p) if spec == "dims" else spec
+    assert native.unit_rows(p, [torch.empty_like(p)], s) == want
+
+
+def test_unit_rows_needs_alike_layouts():
+    p = torch.randn(6, 4, 3, 3)
+    assert native.unit_rows(p, [torch.randn(6, 4, 3, 3)], _spec(p)) == 6
+    cl = torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)
+    assert native.unit_rows(p, [cl], _spec(p)) is None
+    assert native.unit_rows(p, [torch.randn(6, 36)], _spec(p)) is None
+
+
+def _big_params():
+    # Tensors larger than one 16384-element work item, so rows and chunks are split
+    # between items (and between threads when two run).
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(700, 100), (3, 9000), (40000,), (64, 32, 3, 3), (10, 1)]
+    return [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_large_tensors_and_threads(kind, threads):
+    def run(impl):
+        params = _big_params()
+        if kind == "adam":
+            opt = gradcent.Adam(params, lr=1e-2, weight_decay=1e-2, impl=impl)
+        else:
+            opt = gradcent.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, impl=impl)
+        gen = torch.Generator().manual_seed(11)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run("native")
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(got, run("default"), rtol=1e-5, atol=1e-6)
+
+
+def test_grad_untouched_and_unit_means_kept():
+    # SGD without decay: every step moves a unit by -lr·P(g), so the unit means
+    # of the weights never change (the paper's Eq. 4); the gradient is only read.
+    params = _big_params()
+    means0 = [p.detach().mean(dim=tuple(range(1, p.dim()))) for p in params if p.dim() > 1]
+    opt = gradcent.SGD(params, lr=0.1, momentum=0.9, impl="native")
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        before = [p.grad.clone() for p in params]
+        opt.step()
+        assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+    means = [p.detach().mean(dim=tuple(range(1, p.dim()))) for p in params if p.dim() > 1]
+    # (10, 1) has M = 1: GC leaves it alone, so its "means" are the weights and move.
+    for m0, m in zip(means0[:-1], means[:-1], strict=True):
+        torch.testing.assert_close(m, m0, rtol=0, atol=2e-6)
+    assert not torch.allclose(means[-1], means0[-1])
+
+
+def test_fallbacks_mixed_with_native_params():
+    # bf16 weights and a grouped ConvTranspose take the blocked path's fallback;
+    # the float32 Linear and biases take the kernel, all in one group.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, groups=2),
+        nn.Flatten(),
+        nn.Linear(6 * 5 * 5, 7),
+        nn.Linear(7, 3).to(torch.bfloat16),
+    )
+
+    def run(impl):
+        m = copy.deepcopy(net)
+        opt = gradcent.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, model=m, impl=impl)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        return list(m.parameters())
+
+    for a, b in zip(run("native"), run("default"), strict=True):
+        tol = 1e-6 if a.dtype == torch.float32 else 1e-2  # bf16: a few ulps
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_lr_tensor_and_schedule():
+    def run(impl):
+        params = _big_params()[:2]
+        opt = gradcent.Adam(params, lr=torch.tensor(0.01), impl=impl)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            sched.step()
+        return params
+
+    torch.testing.assert_close(run("native"), run("default"), rtol=1e-5, atol=1e-6)
+
+
+def test_native_gc_pass_equals_core():
+    params = _big_params() + [nn.Parameter(torch.randn(5, 7).double())]
+    opt = gradcent.SGD(params, lr=0.1, impl="native")
+    gen = torch.Generator().manual_seed(4)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    want = [centralize(p.grad) if p.grad.dim() > 1 else p.grad.clone() for p in params]
+    opt.centralize_grads()  # float32 grads: one native call; the float64 one: core
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+    row_means = params[0].grad.mean(dim=1)
+    assert row_means.abs().max() < 1e-6
+
+
+def test_build_name_depends_on_cpu(monkeypatch):
+    a = native.build_name()
+    assert a.startswith("gradcent_native_") and len(a) == len("gradcent_native_") + 12
+    monkeypatch.setattr(native, "_cpu_signature", lambda: "flags: another cpu")
+    assert native.build_name() != a
+
+
+def test_build_failure_is_named_and_remembered(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    calls = []
+
+    def broken(**kw):
+        calls.append(kw["name"])
+        raise OSError("ninja: not found")
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(ext, "load_inline", broken)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"g\+\+\) and ninja \(pip install ninja\)"):
+            gradcent.SGD([nn.Parameter(torch.randn(3, 4))], lr=0.1, impl="native")
+    assert len(calls) == 1  # the failure is remembered, not retried per optimizer
