@@ -11,8 +11,9 @@ it times, interleaved round by round on the same parameters and gradients:
 torch's fused Adam and fused SGD momentum without GC; the official repo's
 per-parameter GC loop, then torch's step; ``pytorch_optimizer.centralize_gradient``,
 then torch's step; gradcent's eager path (GC pass, then torch's fused step);
-gradcent's fused step; gradcent's blocked step (``impl="blocked"``); the GC
-passes alone (row-blocked and unblocked) and a plain copy of the gradients.
+gradcent's fused step; gradcent's blocked step (``impl="blocked"``); gradcent's
+native step (``impl="native"``, CPU only); the GC passes alone (row-blocked and
+unblocked torch ops; the native kernel) and a plain copy of the gradients.
 Then GC's share of a CIFAR ResNet-18 training step (batch 128, 32x32). It prints
 medians, ratios and which of the issue's targets are met.
 
@@ -63,14 +64,19 @@ def _opt_cases(params, kind: str, device: str, strategies: list[str]):
         eager = gradcent.Adam(params, lr=LR, fused=True)
         fused = {s: gradcent.Adam(params, lr=LR, impl="fused") for s in strategies}
         blocked = gradcent.Adam(params, lr=LR, impl="blocked")
+        native = gradcent.Adam(params, lr=LR, impl="native") if device == "cpu" else None
     else:
         base = torch.optim.SGD(params, lr=LR, momentum=0.9, fused=True)
         eager = gradcent.SGD(params, lr=LR, momentum=0.9, fused=True)
         fused = {s: gradcent.SGD(params, lr=LR, momentum=0.9, impl="fused") for s in strategies}
         blocked = gradcent.SGD(params, lr=LR, momentum=0.9, impl="blocked")
+        native = (
+            gradcent.SGD(params, lr=LR, momentum=0.9, impl="native") if device == "cpu" else None
+        )
     base.step()  # create the shared state
-    for opt in (eager, blocked, *fused.values()):
-        opt.state = base.state
+    for opt in (eager, blocked, native, *fused.values()):
+        if opt is not None:
+            opt.state = base.state
     first = {}
     for strategy, opt in fused.items():
         first[strategy] = time_once(lambda o=opt, s=strategy: _fused(o, s), device)
@@ -82,6 +88,8 @@ def _opt_cases(params, kind: str, device: str, strategies: list[str]):
         f"gradcent eager + torch {name}": eager.step,
         f"gradcent blocked {name}": blocked.step,
     }
+    if native is not None:
+        cases[f"gradcent native {name}"] = native.step
     for strategy, opt in fused.items():
         cases[f"gradcent fused {name} [{strategy}]"] = lambda o=opt, s=strategy: _fused(o, s)
     return cases, first
@@ -93,18 +101,23 @@ def _fused(opt: torch.optim.Optimizer, strategy: str) -> None:
     fused_step(opt, strategy=strategy)
 
 
-def _pass_cases(params) -> dict[str, Callable[[], object]]:
+def _pass_cases(params, device: str) -> dict[str, Callable[[], object]]:
     """The GC passes alone, and the copy they are measured against."""
     grads = [p.grad for p in params]
     copies = [torch.empty_like(g) for g in grads]
     holder = gradcent.SGD(params, lr=LR)
-    return {
+    cases = {
         "copy of the gradients": lambda: torch._foreach_copy_(copies, grads),
         "official GC pass": lambda: official_gc(grads),
         "pytorch_optimizer GC pass": lambda: centralize_gradient(grads),
         "gradcent eager GC pass": lambda: holder._gc.before(holder),
         "gradcent eager GC pass, unblocked": lambda: _unblocked(lambda: holder._gc.before(holder)),
     }
+    if device == "cpu":
+        # What centralize_grads() runs for an impl="native" optimizer: one kernel call.
+        nat = gradcent.SGD(params, lr=LR, impl="native")
+        cases["gradcent native GC pass"] = lambda: nat._gc.before(nat)
+    return cases
 
 
 def _unblocked(fn: Callable[[], object]) -> None:
@@ -128,7 +141,7 @@ def bench_set(label: str, shapes, device: str, repeats: int, strategies: list[st
         out["first_step_s"].update({f"{kind} [{s}]": t for s, t in first.items()})
         out["median_s"].update(measure(cases, device, repeats))
         del cases
-    out["median_s"].update(measure(_pass_cases(params), device, repeats))
+    out["median_s"].update(measure(_pass_cases(params, device), device, repeats))
     _print_table(f"{label}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors", out["median_s"])
     for key, t in out["first_step_s"].items():
         print(f"  first fused step (compile included) {key}: {t:.2f} s")
@@ -145,6 +158,12 @@ def bench_resnet18(device: str, batch: int, repeats: int) -> dict:
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     eager = gradcent.SGD(model.parameters(), lr=0.1, momentum=0.9, model=model)
     fused = gradcent.SGD(model.parameters(), lr=0.1, momentum=0.9, model=model, impl="fused")
+    cpu = device == "cpu"
+    native = (
+        gradcent.SGD(model.parameters(), lr=0.1, momentum=0.9, model=model, impl="native")
+        if cpu
+        else None
+    )
     loss_fn = nn.CrossEntropyLoss()
 
     def train_step() -> None:
@@ -161,14 +180,21 @@ def bench_resnet18(device: str, batch: int, repeats: int) -> dict:
         "gradcent fused SGDM step": fused.step,
         "gradcent eager GC pass": lambda: eager._gc.before(eager),
     }
+    if native is not None:
+        native.state = base.state
+        cases["gradcent native SGDM step"] = native.step
     med = measure(cases, device, repeats)
     full = med["full training step (torch SGDM)"]
-    share_eager = med["gradcent eager GC pass"] / full
-    extra = med["gradcent fused SGDM step"] - med["torch fused SGDM step"]
-    share_fused = max(extra, 0.0) / full
+    out = {"batch": batch, "median_s": med, "share_eager": med["gradcent eager GC pass"] / full}
+    for which in ("fused", "native"):
+        key = f"gradcent {which} SGDM step"
+        if key in med:
+            extra = med[key] - med["torch fused SGDM step"]
+            out[f"share_{which}"] = max(extra, 0.0) / full
     _print_table(f"CIFAR ResNet-18 training step, batch {batch}", med)
-    print(f"  GC share of the step: eager pass {share_eager:.3%}, fused extra {share_fused:.3%}")
-    return {"batch": batch, "median_s": med, "share_eager": share_eager, "share_fused": share_fused}
+    shares = ", ".join(f"{k[6:]} {v:.3%}" for k, v in out.items() if k.startswith("share_"))
+    print(f"  GC share of the step (a GC pass, or a GC step's extra time): {shares}")
+    return out
 
 
 def _print_table(title: str, med: dict[str, float]) -> None:
@@ -182,32 +208,46 @@ def _print_table(title: str, med: dict[str, float]) -> None:
         print(f"  {name:<44} {t * 1e3:10.2f} ms  {ratio}")
 
 
+def _paths(m: dict[str, float], strategy: str, key: str) -> dict[str, str]:
+    """The GC step cases of one family ("Adam"/"SGDM") that ran: path -> case name."""
+    names = {
+        "fused": f"gradcent fused {key} [{strategy}]",
+        "blocked": f"gradcent blocked {key}",
+        "native": f"gradcent native {key}",
+    }
+    return {path: name for path, name in names.items() if name in m}
+
+
 def targets(sets: dict[str, dict], step: dict | None, strategy: str) -> dict[str, tuple]:
-    """(value, met) for each target of the issue, from the measured medians."""
+    """(value, met) for each target of the issue and each fast path, from the medians."""
     out: dict[str, tuple] = {}
     names = list(TARGETS)
     for label, res in sets.items():
         m = res["median_s"]
-        adam = m[f"gradcent fused Adam [{strategy}]"] / m["torch fused Adam (no GC)"]
-        sgd = m[f"gradcent fused SGDM [{strategy}]"] / m["torch fused SGDM (no GC)"]
-        copy = m["gradcent eager GC pass"] / m["copy of the gradients"]
-        out[f"{names[0]} [{label}]"] = (f"{adam:.3f}x", adam <= TARGETS[names[0]])
-        out[f"{names[1]} [{label}]"] = (f"{sgd:.3f}x", sgd <= TARGETS[names[1]])
         for i, key in enumerate(("Adam", "SGDM")):
-            b = m[f"gradcent blocked {key}"] / m[f"torch fused {key} (no GC)"]
-            name = names[i].replace("fused GC", "blocked GC")
-            out[f"{name} [{label}]"] = (f"{b:.3f}x", b <= TARGETS[names[i]])
-        out[f"{names[2]} [{label}]"] = (f"{copy:.3f}x", copy <= TARGETS[names[2]])
+            for path, case in _paths(m, strategy, key).items():
+                r = m[case] / m[f"torch fused {key} (no GC)"]
+                name = names[i].replace("fused GC", f"{path} GC")
+                out[f"{name} [{label}]"] = (f"{r:.3f}x", r <= TARGETS[names[i]])
+        for case in ("gradcent eager GC pass", "gradcent native GC pass"):
+            if case in m:
+                r = m[case] / m["copy of the gradients"]
+                name = names[2].replace("eager", case.split()[1])
+                out[f"{name} [{label}]"] = (f"{r:.3f}x", r <= TARGETS[names[2]])
     if step is not None:
-        for which in ("eager", "fused"):
-            share = step[f"share_{which}"]
-            out[f"{names[3]} [{which}]"] = (f"{share:.3%}", share <= TARGETS[names[3]])
+        for which in ("eager", "fused", "native"):
+            share = step.get(f"share_{which}")
+            if share is not None:
+                out[f"{names[3]} [{which}]"] = (f"{share:.3%}", share <= TARGETS[names[3]])
     if len(sets) == 2:
         (la, a), (lb, b) = sets.items()
-        key = f"gradcent fused Adam [{strategy}]"
-        per_a, per_b = a["median_s"][key] / a["params"], b["median_s"][key] / b["params"]
-        dev = per_b / per_a - 1
-        out[f"{names[4]} [{lb} vs {la}]"] = (f"{dev:+.1%}", abs(dev) <= TARGETS[names[4]])
+        for path, key in _paths(a["median_s"], strategy, "Adam").items():
+            if key not in b["median_s"]:
+                continue
+            per_a, per_b = a["median_s"][key] / a["params"], b["median_s"][key] / b["params"]
+            dev = per_b / per_a - 1
+            name = f"{names[4]}, {path} Adam"
+            out[f"{name} [{lb} vs {la}]"] = (f"{dev:+.1%}", abs(dev) <= TARGETS[names[4]])
     return out
 
 

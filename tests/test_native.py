@@ -23,33 +23,64 @@ def _spec(p: torch.Tensor) -> Spec:
 
 
 @pytest.mark.parametrize(
-    ("make", "spec", "want"),
+    ("shape", "spec", "want"),
     [
-        (lambda: torch.randn(6, 4, 3, 3), "dims", 6),
-        (lambda: torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last), "dims", 6),
-        (lambda: torch.randn(5, 7), "dims", 5),
-        (lambda: torch.randn(8, 1), "dims", 0),  # M = 1: P is the identity
-        (lambda: torch.randn(0, 3), "dims", 0),
-        (lambda: torch.randn(7), None, 0),  # not centred: updated only
-        (lambda: torch.randn(7, 5).t(), "dims", None),  # units not contiguous runs
-        (lambda: torch.randn(5, 7).bfloat16(), "dims", None),
-        (lambda: torch.randn(5, 7).double(), "dims", None),
-        (lambda: torch.randn(4, 6, 3), Spec("fc", (0, 2), 2), None),  # grouped ConvTranspose
-        (lambda: torch.randn(4, 6, 3), Spec("fc", (0, 2)), None),  # output axis 1
+        ((6, 4, 3, 3), "dims", 6),
+        ((5, 7), "dims", 5),
+        ((8, 1), "dims", 0),  # M = 1: P is the identity
+        ((0, 3), "dims", 0),
+        ((7,), None, 0),  # not centred: updated only
+        ((4, 6, 3), Spec("conv", (0, 2), 2), -1),  # grouped ConvTranspose
+        ((4, 6, 3), Spec("conv", (0, 2)), -1),  # output axis 1
     ],
 )
-def test_unit_rows(make, spec, want):
-    p = make()
-    s = _spec(p) if spec == "dims" else spec
-    assert native.unit_rows(p, [torch.empty_like(p)], s) == want
+def test_rows_hint(shape, spec, want):
+    s = Spec("fc", tuple(range(1, len(shape)))) if spec == "dims" else spec
+    assert native.rows_hint(shape, s) == want
 
 
-def test_unit_rows_needs_alike_layouts():
-    p = torch.randn(6, 4, 3, 3)
-    assert native.unit_rows(p, [torch.randn(6, 4, 3, 3)], _spec(p)) == 6
-    cl = torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)
-    assert native.unit_rows(p, [cl], _spec(p)) is None
-    assert native.unit_rows(p, [torch.randn(6, 36)], _spec(p)) is None
+@pytest.mark.parametrize(
+    ("make", "rows", "taken"),
+    [
+        (lambda: torch.randn(6, 4, 3, 3), 6, True),
+        (lambda: torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last), 6, True),
+        (lambda: torch.randn(7, 5).t(), 5, False),  # units are not contiguous runs
+        (lambda: torch.randn(7, 5).t(), 0, True),  # dense: fine when not centred
+        (lambda: torch.randn(5, 7)[:, :3], 5, False),  # not dense
+        (lambda: torch.randn(5, 7).bfloat16(), 5, False),
+        (lambda: torch.randn(5, 7).double(), 5, False),
+        (lambda: torch.randn(5, 7), 7, False),  # rows must be the size of dim 0
+        (lambda: torch.randn(5, 7), -1, False),
+    ],
+)
+def test_kernel_takes_or_hands_back(make, rows, taken):
+    t = make()
+    before = t.clone()
+    skipped = native.load().centralize_([t], [rows])
+    assert skipped == ([] if taken else [0])
+    if taken and rows:
+        want = before - before.mean(dim=tuple(range(1, t.dim())), keepdim=True)
+        torch.testing.assert_close(t, want, rtol=0, atol=1e-6)
+    elif not taken:
+        assert torch.equal(t, before)  # handed back untouched
+
+
+@pytest.mark.parametrize("fast", ["native", "blocked"])
+def test_grad_laid_out_unlike_its_param(fast):
+    # The kernel hands it back; the blocked path steps on a copy in the weight's
+    # layout (torch's own fused SGD/Adam on CPU update the wrong elements here).
+    def run(impl, layout):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(6, 4, 3, 3))
+        opt = gradcent.SGD([p], lr=0.1, momentum=0.9, dampening=0.5, impl=impl)
+        for _ in range(3):
+            p.grad = torch.randn(6, 4, 3, 3).to(memory_format=layout)
+            opt.step()
+        return p
+
+    want = run("default", torch.contiguous_format)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.testing.assert_close(run(fast, layout), want, rtol=1e-5, atol=1e-6)
 
 
 def _big_params():
@@ -148,7 +179,7 @@ def test_lr_tensor_and_schedule():
 
 
 def test_native_gc_pass_equals_core():
-    params = _big_params() + [nn.Parameter(torch.randn(5, 7).double())]
+    params = _big_params() + [nn.Parameter(torch.randn(5, 7).double())]  # float64: core
     opt = gradcent.SGD(params, lr=0.1, impl="native")
     gen = torch.Generator().manual_seed(4)
     for p in params:
@@ -177,7 +208,7 @@ def test_build_failure_is_named_and_remembered(monkeypatch):
         calls.append(kw["name"])
         raise OSError("ninja: not found")
 
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_BUILD", {})
     monkeypatch.setattr(ext, "load_inline", broken)
     for _ in range(2):
         with pytest.raises(RuntimeError, match=r"g\+\+\) and ninja \(pip install ninja\)"):

@@ -21,6 +21,7 @@ from gradcent.optim._blocked import blocked_step, check_blocked_options
 from gradcent.optim._engine import Centralizer
 from gradcent.optim._fused import check_fused_options, check_impl, fused_step
 from gradcent.optim._native import load as load_native
+from gradcent.optim._native import native_step
 from gradcent.rules import Selector, check_mode, plan
 
 
@@ -134,8 +135,11 @@ class GCMixin:
         if impl == "fused":
             fused_step(self)
             return loss
-        if impl in ("blocked", "native"):
+        if impl == "blocked":
             blocked_step(self)
+            return loss
+        if impl == "native":
+            native_step(self)
             return loss
         self._gc.before(self)
         try:

@@ -40,7 +40,6 @@ from gradcent.core import (
 )
 from gradcent.optim._engine import has_coupled_decay, has_decoupled_decay
 from gradcent.optim._fused import check_options, kernel_kind
-from gradcent.optim._native import unit_rows
 
 
 def check_blocked_options(optimizer: torch.optim.Optimizer, impl: str = "blocked") -> None:
@@ -63,7 +62,9 @@ class _Lists:
         self.states: list[list[Tensor]] = []
 
 
-def _state(optimizer, kind: str, group: dict[str, Any], p: Tensor) -> tuple[list[Tensor], bool]:
+def fused_state(
+    optimizer, kind: str, group: dict[str, Any], p: Tensor
+) -> tuple[list[Tensor], bool]:
     """Torch's fused state of ``p`` (made if missing), and whether SGD's buffer is new."""
     state = optimizer.state[p]
     if kind == "sgd":
@@ -157,72 +158,30 @@ def _rows_ok(p: Tensor, tensors: list[Tensor], spec) -> bool:
     return all(t.is_contiguous() and t.shape == p.shape for t in tensors)
 
 
-class _Native:
-    """Arguments of one native kernel call (:mod:`._native`): the whole group."""
-
-    def __init__(self) -> None:
-        self.ps: list[Tensor] = []
-        self.gs: list[Tensor] = []
-        self.states: list[list[Tensor]] = []
-        self.steps: list[Tensor] = []
-        self.rows: list[int] = []
-        self.first: list[bool] = []
+def check_step(optimizer: torch.optim.Optimizer) -> str:
+    """The kernel kind of a blocked/native step; rejects GradScaler's fused-step scaling."""
+    impl = optimizer.impl
+    if getattr(optimizer, "grad_scale", None) is not None:
+        raise ValueError(f"impl={impl!r} does not take GradScaler's grad_scale; use 'default'")
+    return kernel_kind(optimizer, impl)
 
 
-def _native_kernel(kind, group, lists: _Native, l2: float, decoupled: float) -> None:
-    """One native call: ĝ = P(s·g + l2·w) and the update of every listed parameter."""
-    from gradcent.optim._native import load
-
-    ops = load()
-    lr, maximize = float(group["lr"]), bool(group.get("maximize", False))
-    if kind == "sgd":
-        momentum = float(group["momentum"])
-        ops.sgd_(
-            lists.ps,
-            lists.gs,
-            [s[0] for s in lists.states] if momentum else [],
-            lists.rows,
-            lists.first,
-            lr,
-            momentum,
-            float(group["dampening"]),
-            l2,
-            1.0 - lr * decoupled,
-            bool(group["nesterov"]),
-            maximize,
+def check_param(p: Tensor, impl: str) -> None:
+    """Reject sparse gradients and DTensor parameters, naming the impl."""
+    if p.grad.is_sparse:
+        raise ValueError(f"impl={impl!r} needs dense gradients")
+    if _is_dtensor(p):
+        raise ValueError(
+            f"impl={impl!r} does not support DTensor parameters; use 'default' or 'fused'"
         )
-        return
-    beta1, beta2 = group["betas"]
-    amsgrad = bool(group["amsgrad"])
-    ops.adam_(
-        lists.ps,
-        lists.gs,
-        [s[0] for s in lists.states],
-        [s[1] for s in lists.states],
-        [s[2] for s in lists.states] if amsgrad else [],
-        lists.steps,
-        lists.rows,
-        lr,
-        float(beta1),
-        float(beta2),
-        float(group["eps"]),
-        l2,
-        decoupled,
-        amsgrad,
-        maximize,
-    )
 
 
 @torch.no_grad()
 def blocked_step(optimizer: torch.optim.Optimizer) -> None:
     """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, block by block.
 
-    With ``impl="native"`` every parameter the native kernel takes
-    (:func:`gradcent.optim._native.unit_rows`) goes through one native call per
-    group instead, and only the others take the paths below.
-
     Args:
-        optimizer: a gradcent optimizer built with ``impl="blocked"`` or ``"native"``.
+        optimizer: a gradcent optimizer built with ``impl="blocked"``.
 
     Raises:
         ValueError: for sparse gradients, DTensor parameters or GradScaler's
@@ -232,76 +191,73 @@ def blocked_step(optimizer: torch.optim.Optimizer) -> None:
         Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
 
     """
-    impl = optimizer.impl
-    if getattr(optimizer, "grad_scale", None) is not None:
-        raise ValueError(f"impl={impl!r} does not take GradScaler's grad_scale; use 'default'")
-    kind = kernel_kind(optimizer, impl)
-    gc = optimizer._gc
+    kind = check_step(optimizer)
     # P is idempotent: gradients centred earlier by centralize_grads() (maybe
     # clipped since) give P(Pg + αw) = Pg + αP(w), the default path's rule.
-    gc.discard_pending()
+    optimizer._gc.discard_pending()
     for group in optimizer.param_groups:
-        gplan = gc._group_plan(group)
-        wd = float(group.get("weight_decay", 0.0))
-        decoupled = has_decoupled_decay(optimizer, group)
-        coupled = bool(wd) and has_coupled_decay(optimizer, group)
-        # α: coupled decay folded into ĝ (negated when maximizing, as torch negates g).
-        alpha = (-wd if group.get("maximize", False) else wd) if coupled else 0.0
-        # SGDW shrinks the weights itself; AdamW's kernel does (weight_decay=wd).
-        shrink = 1.0 - float(group["lr"]) * wd if decoupled and kind == "sgd" and wd else 1.0
-        kernel_wd_plain = wd if (coupled or (decoupled and kind == "adam")) else 0.0
-        kernel_wd_centred = wd if decoupled and kind == "adam" else 0.0
-        batches: dict[tuple, _Lists] = {}
-        native = _Native()
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ValueError(f"impl={impl!r} needs dense gradients")
-            if _is_dtensor(p):
-                raise ValueError(
-                    f"impl={impl!r} does not support DTensor parameters; use 'default' or 'fused'"
-                )
-            spec = gc._spec(gplan, p) if gplan.mode is not None else None
-            states, first = _state(optimizer, kind, group, p)
-            step = [optimizer.state[p]["step"]] if kind == "adam" else []
-            if step:
-                step[0] += 1  # once per step, before any block, as torch does
-            pd, g = p.detach(), p.grad
-            rows = unit_rows(pd, [g, *states], spec) if impl == "native" else None
-            if rows is not None:
-                native.ps.append(pd)
-                native.gs.append(g)
-                native.states.append(states)
-                native.steps += step
-                native.rows.append(rows)
-                native.first.append(first)
-                continue
-            if shrink != 1.0:
-                pd.mul_(shrink)
-            if spec is None:
-                key = (p.device, p.dtype, first)
-            elif _rows_ok(pd, [g, *states], spec) and g.numel() * g.element_size() > BLOCK_BYTES:
-                _blocks(
-                    kind, optimizer, group, pd, g, states, step, alpha, kernel_wd_centred, first
-                )
-                continue
-            else:
-                # Small or rare layouts: the default path's in-place GC of p.grad,
-                # g' = P(g + αw) − αw, then the kernel adds its own decay as usual.
-                _fold_in_place(g, pd, alpha, spec)
-                key = (p.device, p.dtype, first)
-            lists = batches.setdefault(key, _Lists())
-            lists.ps.append(pd)
-            lists.gs.append(g)
-            lists.states.append(states + step)
-        if native.ps:
-            _native_kernel(kind, group, native, wd if coupled else 0.0, wd if decoupled else 0.0)
-        for (_, _, first), lists in batches.items():
-            kwd = kernel_wd_plain
-            steps = [s[-1] for s in lists.states] if kind == "adam" else []
-            states = [s[:-1] for s in lists.states] if kind == "adam" else lists.states
-            _kernel(kind, optimizer, group, lists.ps, lists.gs, states, steps, kwd, first)
+        blocked_group(optimizer, kind, group, group["params"])
+
+
+def blocked_group(optimizer, kind: str, group: dict[str, Any], params) -> None:
+    """The blocked step of ``params`` (all or some of ``group``'s parameters).
+
+    Args:
+        optimizer: a gradcent SGD/SGDW/Adam/AdamW (``impl="blocked"``, or
+            ``"native"`` for the parameters its kernel does not take).
+        kind: ``"sgd"`` or ``"adam"``.
+        group: the param group, for its options.
+        params: the parameters to step; those without a gradient are skipped.
+
+    """
+    impl = optimizer.impl
+    gc = optimizer._gc
+    gplan = gc._group_plan(group)
+    wd = float(group.get("weight_decay", 0.0))
+    decoupled = has_decoupled_decay(optimizer, group)
+    coupled = bool(wd) and has_coupled_decay(optimizer, group)
+    # α: coupled decay folded into ĝ (negated when maximizing, as torch negates g).
+    alpha = (-wd if group.get("maximize", False) else wd) if coupled else 0.0
+    # SGDW shrinks the weights itself; AdamW's kernel does (weight_decay=wd).
+    shrink = 1.0 - float(group["lr"]) * wd if decoupled and kind == "sgd" and wd else 1.0
+    kernel_wd_plain = wd if (coupled or (decoupled and kind == "adam")) else 0.0
+    kernel_wd_centred = wd if decoupled and kind == "adam" else 0.0
+    batches: dict[tuple, _Lists] = {}
+    for p in params:
+        if p.grad is None:
+            continue
+        check_param(p, impl)
+        spec = gc._spec(gplan, p) if gplan.mode is not None else None
+        states, first = fused_state(optimizer, kind, group, p)
+        step = [optimizer.state[p]["step"]] if kind == "adam" else []
+        if step:
+            step[0] += 1  # once per step, before any block, as torch does
+        pd, g = p.detach(), p.grad
+        if g.stride() != pd.stride():
+            # torch's fused kernels walk raw memory: a gradient laid out unlike its
+            # parameter (channels_last grad, contiguous weight) updates the wrong
+            # elements (torch 2.14 SGD(fused=True) too). Step on a copy in p's layout.
+            g = torch.empty_like(pd).copy_(g)
+        if shrink != 1.0:
+            pd.mul_(shrink)
+        if spec is None:
+            key = (p.device, p.dtype, first)
+        elif _rows_ok(pd, [g, *states], spec) and g.numel() * g.element_size() > BLOCK_BYTES:
+            _blocks(kind, optimizer, group, pd, g, states, step, alpha, kernel_wd_centred, first)
+            continue
+        else:
+            # Small or rare layouts: the default path's in-place GC of p.grad,
+            # g' = P(g + αw) − αw, then the kernel adds its own decay as usual.
+            _fold_in_place(g, pd, alpha, spec)
+            key = (p.device, p.dtype, first)
+        lists = batches.setdefault(key, _Lists())
+        lists.ps.append(pd)
+        lists.gs.append(g)
+        lists.states.append(states + step)
+    for (_, _, first), lists in batches.items():
+        steps = [s[-1] for s in lists.states] if kind == "adam" else []
+        states = [s[:-1] for s in lists.states] if kind == "adam" else lists.states
+        _kernel(kind, optimizer, group, lists.ps, lists.gs, states, steps, kernel_wd_plain, first)
 
 
 def _blocks(kind, optimizer, group, p, g, states, step, alpha, wd, first) -> None:

@@ -156,21 +156,9 @@ class Centralizer:
         one kernel call (same math, one pass over memory).
         """
         if self.native and todo:
-            from gradcent.optim._native import load, unit_rows
+            from gradcent.optim._native import centralize_many_
 
-            picked: list[Tensor] = []
-            rows: list[int] = []
-            rest = []
-            for g, spec in todo:
-                r = unit_rows(g, (), spec)
-                if r is None:
-                    rest.append((g, spec))
-                elif r:  # 0: nothing to centre (M = 1 or empty)
-                    picked.append(g)
-                    rows.append(r)
-            if picked:
-                load().centralize_(picked, rows)
-            todo = rest
+            todo = centralize_many_(todo)  # hands back what it did not take
         for g, spec in todo:
             centralize_(g, spec.dims, spec.groups)
 

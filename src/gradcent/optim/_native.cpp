@@ -8,6 +8,10 @@
 // A tensor with rows == 0 is not centred (biases, norms): its elements are cut
 // into plain chunks and only updated.
 //
+// Each op checks every parameter (float32, CPU, dense, gradient and state laid
+// out like it, whole rows contiguous, rows >= 0) and returns the indices of the
+// ones it did not take, untouched, for the caller's slower path.
+//
 // The math is torch's (FusedAdamKernel.cpp, FusedSGDKernel.cpp) with the
 // paper's rule for coupled weight decay: ĝ = P(g + λw) (Yong et al., ECCV 2020,
 // §3.4), s = -1 when maximizing.
@@ -32,12 +36,13 @@ struct Item {
   int64_t row;    // row length M when centred, 0 when not
 };
 
-// Work items of whole rows (centred) or plain chunks (not centred).
-std::vector<Item> items_of(at::TensorList params, at::IntArrayRef rows) {
+// Work items of whole rows (centred) or plain chunks (not centred), taken tensors only.
+std::vector<Item> items_of(at::TensorList params, at::IntArrayRef rows,
+                           const std::vector<char>& ok) {
   std::vector<Item> out;
   for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
     const int64_t n = params[t].numel();
-    if (n == 0) continue;
+    if (!ok[t] || n == 0) continue;
     if (rows[t] > 0) {
       const int64_t m = n / rows[t];
       const int64_t per = std::max<int64_t>(1, kChunk / m);
@@ -53,17 +58,32 @@ std::vector<Item> items_of(at::TensorList params, at::IntArrayRef rows) {
   return out;
 }
 
-void check(at::TensorList ts, at::TensorList params, const char* what) {
-  TORCH_CHECK(ts.size() == params.size(), "gradcent native: ", what, " has ", ts.size(),
-              " tensors, params has ", params.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const auto& t = ts[i];
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
-                "gradcent native: ", what, "[", i, "] must be a float32 CPU tensor");
-    TORCH_CHECK(t.is_non_overlapping_and_dense() && t.sizes() == params[i].sizes() &&
-                    t.strides() == params[i].strides(),
-                "gradcent native: ", what, "[", i, "] must be dense and laid out like its parameter");
+void check_sizes(size_t got, size_t want, const char* what) {
+  TORCH_CHECK(got == want, "gradcent native: ", what, " has ", got, " entries for ", want,
+              " parameters");
+}
+
+bool plain_float(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat;
+}
+
+// Whether the kernels take parameter p with these companions and this rows value.
+bool takes(const at::Tensor& p, std::initializer_list<const at::Tensor*> others, int64_t rows) {
+  if (!plain_float(p) || !p.is_non_overlapping_and_dense() || rows < 0) return false;
+  for (const at::Tensor* t : others) {
+    if (!plain_float(*t) || t->sizes() != p.sizes() || t->strides() != p.strides()) return false;
   }
+  if (rows == 0) return true;
+  const int64_t n = p.numel();
+  return p.dim() >= 2 && p.size(0) == rows && n % rows == 0 && p.stride(0) == n / rows;
+}
+
+std::vector<int64_t> skipped_of(const std::vector<char>& ok) {
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < ok.size(); ++i) {
+    if (!ok[i]) out.push_back(static_cast<int64_t>(i));
+  }
+  return out;
 }
 
 // Mean of s·g + l2·w over one row (0 when the row is not centred).
@@ -80,25 +100,33 @@ inline float row_mean(const float* g, const float* w, int64_t m, float s, float 
   return acc / static_cast<float>(m);
 }
 
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-           at::IntArrayRef rows, double lr, double beta1, double beta2, double eps, double l2,
-           double decoupled, bool amsgrad, bool maximize) {
-  check(params, params, "params");
-  check(grads, params, "grads");
-  check(exp_avgs, params, "exp_avgs");
-  check(exp_avg_sqs, params, "exp_avg_sqs");
-  if (amsgrad) check(max_exp_avg_sqs, params, "max_exp_avg_sqs");
-  TORCH_CHECK(steps.size() == params.size() && rows.size() == params.size(),
-              "gradcent native: steps and rows need one entry per parameter");
+std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                           at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                           at::IntArrayRef rows, double lr, double beta1, double beta2, double eps,
+                           double l2, double decoupled, bool amsgrad, bool maximize) {
   const size_t n = params.size();
+  check_sizes(grads.size(), n, "grads");
+  check_sizes(exp_avgs.size(), n, "exp_avgs");
+  check_sizes(exp_avg_sqs.size(), n, "exp_avg_sqs");
+  if (amsgrad) check_sizes(max_exp_avg_sqs.size(), n, "max_exp_avg_sqs");
+  check_sizes(steps.size(), n, "steps");
+  check_sizes(rows.size(), n, "rows");
+  std::vector<char> ok(n);
   std::vector<float> step_size(n), bc2_sqrt(n);
   for (size_t i = 0; i < n; ++i) {
-    const double step = steps[i].item<double>();
+    const at::Tensor* mx = amsgrad ? &max_exp_avg_sqs[i] : &exp_avg_sqs[i];
+    // torch's fused state: a float32 scalar step per parameter.
+    ok[i] = takes(params[i], {&grads[i], &exp_avgs[i], &exp_avg_sqs[i], mx}, rows[i]) &&
+            plain_float(steps[i]) && steps[i].numel() == 1;
+    if (!ok[i]) continue;
+    float* sp = steps[i].data_ptr<float>();
+    *sp += 1.f;  // once per step, as torch does
+    const double step = *sp;
     step_size[i] = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
     bc2_sqrt[i] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
   }
-  const auto items = items_of(params, rows);
+  const auto items = items_of(params, rows, ok);
   const float s = maximize ? -1.f : 1.f, fl2 = static_cast<float>(l2);
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
   const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
@@ -148,6 +176,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
       }
     }
   });
+  return skipped_of(ok);
 }
 
 // One row of SGD: buf ← μ·buf + (1-τ)·ĝ (buf ← ĝ when fresh), p ← p·shrink − lr·d.
@@ -165,16 +194,22 @@ inline void sgd_row(float* __restrict p, const float* __restrict g, float* __res
   }
 }
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::IntArrayRef rows,
-          c10::List<bool> first, double lr, double momentum, double dampening, double l2,
-          double shrink, bool nesterov, bool maximize) {
-  check(params, params, "params");
-  check(grads, params, "grads");
+std::vector<int64_t> sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                          at::IntArrayRef rows, c10::List<bool> first, double lr,
+                          double momentum, double dampening, double l2, double shrink,
+                          bool nesterov, bool maximize) {
+  const size_t n = params.size();
   const bool has_buf = momentum != 0.0;
-  if (has_buf) check(bufs, params, "momentum_buffers");
-  TORCH_CHECK(rows.size() == params.size() && (!has_buf || first.size() == params.size()),
-              "gradcent native: rows and first need one entry per parameter");
-  const auto items = items_of(params, rows);
+  check_sizes(grads.size(), n, "grads");
+  if (has_buf) check_sizes(bufs.size(), n, "momentum_buffers");
+  if (has_buf) check_sizes(first.size(), n, "first");
+  check_sizes(rows.size(), n, "rows");
+  std::vector<char> ok(n);
+  for (size_t i = 0; i < n; ++i) {
+    ok[i] = has_buf ? takes(params[i], {&grads[i], &bufs[i]}, rows[i])
+                    : takes(params[i], {&grads[i]}, rows[i]);
+  }
+  const auto items = items_of(params, rows, ok);
   const float s = maximize ? -1.f : 1.f, fl2 = static_cast<float>(l2);
   const float flr = static_cast<float>(lr), mu = static_cast<float>(momentum);
   const float damp = static_cast<float>(1.0 - dampening), fshrink = static_cast<float>(shrink);
@@ -209,12 +244,14 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::
       }
     }
   });
+  return skipped_of(ok);
 }
 
-void centralize_(at::TensorList grads, at::IntArrayRef rows) {
-  check(grads, grads, "grads");
-  TORCH_CHECK(rows.size() == grads.size(), "gradcent native: rows needs one entry per tensor");
-  const auto items = items_of(grads, rows);
+std::vector<int64_t> centralize_(at::TensorList grads, at::IntArrayRef rows) {
+  check_sizes(rows.size(), grads.size(), "rows");
+  std::vector<char> ok(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) ok[i] = takes(grads[i], {}, rows[i]);
+  const auto items = items_of(grads, rows, ok);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const Item& it = items[k];
@@ -228,6 +265,7 @@ void centralize_(at::TensorList grads, at::IntArrayRef rows) {
       }
     }
   });
+  return skipped_of(ok);
 }
 
 }  // namespace
@@ -235,14 +273,14 @@ void centralize_(at::TensorList grads, at::IntArrayRef rows) {
 TORCH_LIBRARY(gradcent_native, m) {
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] steps, int[] rows, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] rows, "
       "float lr, float beta1, float beta2, float eps, float l2, float decoupled, bool amsgrad, "
-      "bool maximize) -> ()",
-      &adam_);
+      "bool maximize) -> int[]",
+      &adam_);  // steps of taken parameters are incremented in place
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] rows, "
       "bool[] first, float lr, float momentum, float dampening, float l2, float shrink, "
-      "bool nesterov, bool maximize) -> ()",
+      "bool nesterov, bool maximize) -> int[]",
       &sgd_);
-  m.def("centralize_(Tensor(a!)[] grads, int[] rows) -> ()", &centralize_);
+  m.def("centralize_(Tensor(a!)[] grads, int[] rows) -> int[]", &centralize_);
 }

@@ -8,8 +8,9 @@ updated by one multi-threaded pass. For each unit (row) the kernel sums
 ĝ = g + λw, then updates that row while it is still in L1/L2, so GC adds no
 memory traffic and a few arithmetic operations per element to torch's own fused
 step. Parameters the kernel does not take (fp16/bf16, CUDA, grouped
-ConvTranspose, other memory layouts) go through :mod:`._blocked`'s path: GC in
-place, then torch's fused kernel.
+ConvTranspose, other memory layouts) are handed back by the kernel and go
+through :mod:`._blocked`'s path in the same step: GC in place, then torch's
+fused kernel.
 
 Building needs a C++ compiler (``g++``) and ``ninja`` (``pip install ninja``);
 when either is missing the optimizer's constructor raises and names both.
@@ -24,19 +25,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import platform
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradcent.optim._blocked import blocked_group, check_param, check_step, fused_state
+from gradcent.optim._engine import has_coupled_decay, has_decoupled_decay
+
 _SOURCE = Path(__file__).with_name("_native.cpp")
 _CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
-_state: dict[str, object] = {}
+_BUILD: dict[str, object] = {}  # "ops" once loaded, "error" once a build failed
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _cpu_signature() -> str:
@@ -63,10 +71,14 @@ def build_name() -> str:
     return f"gradcent_native_{h.hexdigest()[:12]}"
 
 
-def _build_root() -> Path:
+def _build_dir(name: str) -> Path:
+    """Where ``load_inline`` builds ``name`` (as torch.utils.cpp_extension lays it out)."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    cuda = torch.version.cuda
+    flavour = "cpu" if cuda is None else "cu" + cuda.replace(".", "")
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_{flavour}" / name
 
 
 @contextlib.contextmanager
@@ -91,12 +103,12 @@ def load():
             remembered, so later calls raise at once.
 
     """
-    if "ops" in _state:
-        return _state["ops"]
-    if "error" in _state:
-        raise RuntimeError(_state["error"])
+    if "ops" in _BUILD:
+        return _BUILD["ops"]
+    if "error" in _BUILD:
+        raise RuntimeError(_BUILD["error"])
     name = build_name()
-    if not (_build_root() / name / f"{name}.so").exists():
+    if not (_build_dir(name) / f"{name}.so").exists():
         print(
             "gradcent: building the native CPU kernel for impl='native' "
             "(once per machine, about a minute)...",
@@ -115,49 +127,185 @@ def load():
                 extra_ldflags=list(_LDFLAGS),
             )
     except Exception as exc:  # compiler, ninja or linker missing: say so, once
-        _state["error"] = (
+        _BUILD["error"] = (
             f"impl='native' could not build its C++ kernel ({type(exc).__name__}: {exc}). "
             "It needs a C++ compiler (g++) and ninja (pip install ninja); "
             "impl='blocked' and impl='default' need neither."
         )
-        raise RuntimeError(_state["error"]) from exc
-    _state["ops"] = torch.ops.gradcent_native
-    return _state["ops"]
+        raise RuntimeError(_BUILD["error"]) from exc
+    _BUILD["ops"] = torch.ops.gradcent_native
+    return _BUILD["ops"]
 
 
-def unit_rows(p: Tensor, others: Sequence[Tensor], spec) -> int | None:
-    """How the kernel takes ``p``: its number of GC rows, 0 (not centred) or None.
-
-    The kernel takes float32 CPU tensors that are dense in memory, laid out
-    alike (``others``: gradient and state), whose units, when centred, are
-    contiguous runs of M > 1 elements: the default layout and channels_last,
-    with the output axis first (``spec.dims`` all the others, no groups).
+def rows_hint(shape: Sequence[int], spec) -> int:
+    """The ``rows`` value the kernels get for a parameter of this shape and spec.
 
     Args:
-        p: the parameter (or a gradient, for the GC pass).
-        others: tensors the kernel reads or writes beside ``p``.
-        spec: the parameter's :class:`~gradcent.rules.Spec`, None when not centred.
+        shape: the parameter's shape.
+        spec: its :class:`~gradcent.rules.Spec`, None when it is not centred.
 
     Returns:
-        The number of rows (units) to centre, 0 to update without centring, or
-        None when the kernel does not take this parameter.
+        The number of units (rows) to centre when the units run along dim 0
+        (every other dim reduced, no groups) with M > 1 elements each; 0 when
+        nothing is centred (no spec, M = 1 where P is the identity, or no
+        elements); -1 when the kernels cannot centre it (grouped
+        ConvTranspose, an output axis other than 0), so it takes the slow path.
+        The kernels check the memory layout themselves.
 
     """
-    tensors = (p, *others)
-    if any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors):
-        return None  # DTensor and other subclasses
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
-    channels_last = p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
-    dense = p.is_contiguous() or channels_last
-    if not dense or any(t.shape != p.shape or t.stride() != p.stride() for t in others):
-        return None
-    if spec is None or p.numel() == 0:
+    if spec is None:
         return 0
-    if spec.groups != 1 or p.dim() < 2 or tuple(spec.dims) != tuple(range(1, p.dim())):
-        return None
-    units = p.shape[0]
-    m = p.numel() // units
-    if p.stride(0) != m:
-        return None
-    return units if m > 1 else 0  # M = 1: P is the identity, as in core.centralize_
+    if spec.groups != 1 or len(shape) < 2 or tuple(spec.dims) != tuple(range(1, len(shape))):
+        return -1
+    m = math.prod(shape[1:])
+    return shape[0] if m > 1 and shape[0] > 0 else 0
+
+
+def _hint(optimizer, gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
+    """:func:`rows_hint` of ``p`` in ``group``, cached per (parameter, mode, shape)."""
+    mode = group.get("gc", gc.plan.mode)
+    key = (id(p), mode)
+    hit = cache.get(key)
+    if hit is not None and hit[0]() is p and hit[1] == p.shape:
+        return hit[2]
+    gplan = gc._group_plan(group)
+    spec = gc._spec(gplan, p) if gplan.mode is not None else None
+    rows = rows_hint(p.shape, spec)
+    cache[key] = (weakref.ref(p), p.shape, rows)
+    return rows
+
+
+@torch.no_grad()
+def native_step(optimizer: torch.optim.Optimizer) -> None:
+    """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, native kernel first.
+
+    Per group, one kernel call takes every parameter it can; the ones it hands
+    back (other dtypes or devices, layouts, grouped ConvTranspose) take
+    :func:`gradcent.optim._blocked.blocked_group` in the same step.
+
+    Args:
+        optimizer: a gradcent optimizer built with ``impl="native"``.
+
+    Raises:
+        ValueError: for sparse gradients, DTensor parameters or GradScaler's
+            fused-step scaling, which this path does not implement.
+
+    References:
+        Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
+
+    """
+    kind = check_step(optimizer)
+    gc = optimizer._gc
+    # P is idempotent: gradients centred earlier by centralize_grads() (maybe
+    # clipped since) give P(Pg + λw) = Pg + λP(w), the default path's rule.
+    gc.discard_pending()
+    ops = load()
+    cache = optimizer.__dict__.setdefault("_native_rows", {})
+    for group in optimizer.param_groups:
+        # Lean on purpose: this loop runs for every parameter at every step.
+        ps: list[Tensor] = []
+        gs: list[Tensor] = []
+        cols: tuple[list[Tensor], ...] = ([], [], [], [])
+        rows: list[int] = []
+        first: list[bool] = []
+        slow: list[Tensor] = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if type(p) not in _PLAIN or type(g) not in _PLAIN or g.is_sparse:
+                check_param(p, optimizer.impl)  # raises for sparse grads and DTensor
+                slow.append(p)
+                continue
+            rows.append(_hint(optimizer, gc, group, p, cache))
+            ps.append(p)
+            gs.append(g)
+            _gather(optimizer, kind, group, p, cols, first)
+        if ps:
+            skipped = _call(ops, kind, group, optimizer, ps, gs, cols, rows, first)
+            for i in skipped:
+                if kind == "sgd" and first and first[i]:
+                    del optimizer.state[ps[i]]["momentum_buffer"]  # made here, never filled
+                slow.append(ps[i])
+        if slow:
+            blocked_group(optimizer, kind, group, slow)
+
+
+def _gather(optimizer, kind: str, group, p: Tensor, cols, first: list[bool]) -> None:
+    """Append ``p``'s state tensors to ``cols`` (made when missing, as torch's fused step)."""
+    st = optimizer.state.get(p)
+    if kind == "adam":
+        if not st:
+            fused_state(optimizer, kind, group, p)
+            st = optimizer.state[p]
+        cols[0].append(st["exp_avg"])
+        cols[1].append(st["exp_avg_sq"])
+        if group["amsgrad"]:
+            cols[2].append(st["max_exp_avg_sq"])
+        cols[3].append(st["step"])  # the kernel hands back a step it cannot use
+        return
+    if group["momentum"]:
+        states, fresh = fused_state(optimizer, kind, group, p)
+        cols[0].append(states[0])
+        first.append(fresh)
+
+
+def _call(ops, kind, group, optimizer, ps, gs, cols, rows, first) -> list[int]:
+    """One kernel call for a group; returns the indices it did not take."""
+    wd = float(group.get("weight_decay", 0.0))
+    l2 = wd if wd and has_coupled_decay(optimizer, group) else 0.0
+    decoupled = wd if has_decoupled_decay(optimizer, group) else 0.0
+    lr, maximize = float(group["lr"]), bool(group.get("maximize", False))
+    if kind == "sgd":
+        return ops.sgd_(
+            ps,
+            gs,
+            cols[0],
+            rows,
+            first,
+            lr,
+            float(group["momentum"]),
+            float(group["dampening"]),
+            l2,
+            1.0 - lr * decoupled,
+            bool(group["nesterov"]),
+            maximize,
+        )
+    beta1, beta2 = group["betas"]
+    return ops.adam_(
+        ps,
+        gs,
+        cols[0],
+        cols[1],
+        cols[2],
+        cols[3],
+        rows,
+        lr,
+        float(beta1),
+        float(beta2),
+        float(group["eps"]),
+        l2,
+        decoupled,
+        bool(group["amsgrad"]),
+        maximize,
+    )
+
+
+def centralize_many_(todo: Sequence[tuple[Tensor, Any]]) -> list[tuple[Tensor, Any]]:
+    """Centre, in one kernel call, every (gradient, spec) the kernel takes.
+
+    Args:
+        todo: (tensor, spec) pairs to centralize in place.
+
+    Returns:
+        The pairs the kernel did not take (other dtypes, devices or layouts),
+        untouched, for :func:`gradcent.core.centralize_`.
+
+    """
+    picked = [(t, s) for t, s in todo if type(t) in _PLAIN]
+    rest = [(t, s) for t, s in todo if type(t) not in _PLAIN]
+    if picked:
+        rows = [rows_hint(t.shape, s) for t, s in picked]
+        skipped = load().centralize_([t for t, _ in picked], rows)
+        rest += [picked[i] for i in skipped]
+    return rest
