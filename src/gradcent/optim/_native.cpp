@@ -58,6 +58,32 @@ std::vector<Item> items_of(at::TensorList params, at::IntArrayRef rows,
   return out;
 }
 
+// Runs fn on every item, the items cut into one contiguous run per thread with
+// about the same number of elements each (one parallel region, no per-tensor
+// barrier; small tensors' items do not unbalance the threads).
+template <typename Fn>
+void for_items(const std::vector<Item>& items, const Fn& fn) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t total = 0;
+  for (const Item& it : items) total += it.end - it.begin;
+  std::vector<size_t> bounds{0};
+  int64_t acc = 0;
+  for (size_t k = 0; k < items.size(); ++k) {
+    acc += items[k].end - items[k].begin;
+    // close run t once it holds its share of the elements
+    if (static_cast<int64_t>(bounds.size()) < threads &&
+        acc * threads >= total * static_cast<int64_t>(bounds.size())) {
+      bounds.push_back(k + 1);
+    }
+  }
+  while (static_cast<int64_t>(bounds.size()) <= threads) bounds.push_back(items.size());
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) fn(items[k]);
+    }
+  });
+}
+
 void check_sizes(size_t got, size_t want, const char* what) {
   TORCH_CHECK(got == want, "gradcent native: ", what, " has ", got, " entries for ", want,
               " parameters");
@@ -132,46 +158,43 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
   const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
   const float feps = static_cast<float>(eps);
   const float shrink = static_cast<float>(1.0 - lr * decoupled);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const Item& it = items[k];
-      float* p = params[it.tensor].data_ptr<float>();
-      const float* g = grads[it.tensor].data_ptr<float>();
-      float* ma = exp_avgs[it.tensor].data_ptr<float>();
-      float* va = exp_avg_sqs[it.tensor].data_ptr<float>();
-      float* mx = amsgrad ? max_exp_avg_sqs[it.tensor].data_ptr<float>() : nullptr;
-      const float ss = step_size[it.tensor], bc = bc2_sqrt[it.tensor];
-      const int64_t m = it.row > 0 ? it.row : it.end - it.begin;
-      for (int64_t r = it.begin; r < it.end; r += m) {
-        const float mean = it.row > 0 ? row_mean(g + r, p + r, m, s, fl2) : 0.f;
-        float* pr = p + r;
-        const float* gr = g + r;
-        float* mr = ma + r;
-        float* vr = va + r;
-        if (amsgrad) {
-          float* xr = mx + r;
-          for (int64_t j = 0; j < m; ++j) {
-            const float w = pr[j];
-            const float gh = s * gr[j] + fl2 * w - mean;
-            const float mj = mr[j] + one_b1 * (gh - mr[j]);
-            const float vj = b2 * vr[j] + one_b2 * gh * gh;
-            const float xj = std::max(xr[j], vj);
-            mr[j] = mj;
-            vr[j] = vj;
-            xr[j] = xj;
-            pr[j] = w * shrink - ss * mj / (std::sqrt(xj) / bc + feps);
-          }
-        } else {
+  for_items(items, [&](const Item& it) {
+    float* p = params[it.tensor].data_ptr<float>();
+    const float* g = grads[it.tensor].data_ptr<float>();
+    float* ma = exp_avgs[it.tensor].data_ptr<float>();
+    float* va = exp_avg_sqs[it.tensor].data_ptr<float>();
+    float* mx = amsgrad ? max_exp_avg_sqs[it.tensor].data_ptr<float>() : nullptr;
+    const float ss = step_size[it.tensor], bc = bc2_sqrt[it.tensor];
+    const int64_t m = it.row > 0 ? it.row : it.end - it.begin;
+    for (int64_t r = it.begin; r < it.end; r += m) {
+      const float mean = it.row > 0 ? row_mean(g + r, p + r, m, s, fl2) : 0.f;
+      float* pr = p + r;
+      const float* gr = g + r;
+      float* mr = ma + r;
+      float* vr = va + r;
+      if (amsgrad) {
+        float* xr = mx + r;
+        for (int64_t j = 0; j < m; ++j) {
+          const float w = pr[j];
+          const float gh = s * gr[j] + fl2 * w - mean;
+          const float mj = mr[j] + one_b1 * (gh - mr[j]);
+          const float vj = b2 * vr[j] + one_b2 * gh * gh;
+          const float xj = std::max(xr[j], vj);
+          mr[j] = mj;
+          vr[j] = vj;
+          xr[j] = xj;
+          pr[j] = w * shrink - ss * mj / (std::sqrt(xj) / bc + feps);
+        }
+      } else {
 #pragma omp simd
-          for (int64_t j = 0; j < m; ++j) {
-            const float w = pr[j];
-            const float gh = s * gr[j] + fl2 * w - mean;
-            const float mj = mr[j] + one_b1 * (gh - mr[j]);
-            const float vj = b2 * vr[j] + one_b2 * gh * gh;
-            mr[j] = mj;
-            vr[j] = vj;
-            pr[j] = w * shrink - ss * mj / (std::sqrt(vj) / bc + feps);
-          }
+        for (int64_t j = 0; j < m; ++j) {
+          const float w = pr[j];
+          const float gh = s * gr[j] + fl2 * w - mean;
+          const float mj = mr[j] + one_b1 * (gh - mr[j]);
+          const float vj = b2 * vr[j] + one_b2 * gh * gh;
+          mr[j] = mj;
+          vr[j] = vj;
+          pr[j] = w * shrink - ss * mj / (std::sqrt(vj) / bc + feps);
         }
       }
     }
@@ -213,34 +236,31 @@ std::vector<int64_t> sgd_(at::TensorList params, at::TensorList grads, at::Tenso
   const float s = maximize ? -1.f : 1.f, fl2 = static_cast<float>(l2);
   const float flr = static_cast<float>(lr), mu = static_cast<float>(momentum);
   const float damp = static_cast<float>(1.0 - dampening), fshrink = static_cast<float>(shrink);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const Item& it = items[k];
-      float* p = params[it.tensor].data_ptr<float>();
-      const float* g = grads[it.tensor].data_ptr<float>();
-      float* buf = has_buf ? bufs[it.tensor].data_ptr<float>() : nullptr;
-      const bool fresh = has_buf && first.get(it.tensor);
-      const int64_t m = it.row > 0 ? it.row : it.end - it.begin;
-      for (int64_t r = it.begin; r < it.end; r += m) {
-        const float mean = it.row > 0 ? row_mean(g + r, p + r, m, s, fl2) : 0.f;
-        float* pr = p + r;
-        const float* gr = g + r;
-        if (!has_buf) {
+  for_items(items, [&](const Item& it) {
+    float* p = params[it.tensor].data_ptr<float>();
+    const float* g = grads[it.tensor].data_ptr<float>();
+    float* buf = has_buf ? bufs[it.tensor].data_ptr<float>() : nullptr;
+    const bool fresh = has_buf && first.get(it.tensor);
+    const int64_t m = it.row > 0 ? it.row : it.end - it.begin;
+    for (int64_t r = it.begin; r < it.end; r += m) {
+      const float mean = it.row > 0 ? row_mean(g + r, p + r, m, s, fl2) : 0.f;
+      float* pr = p + r;
+      const float* gr = g + r;
+      if (!has_buf) {
 #pragma omp simd
-          for (int64_t j = 0; j < m; ++j) {
-            const float w = pr[j];
-            pr[j] = w * fshrink - flr * (s * gr[j] + fl2 * w - mean);
-          }
-          continue;
+        for (int64_t j = 0; j < m; ++j) {
+          const float w = pr[j];
+          pr[j] = w * fshrink - flr * (s * gr[j] + fl2 * w - mean);
         }
-        float* br = buf + r;
-        if (fresh) {
-          if (nesterov) sgd_row<true, true>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
-          else sgd_row<true, false>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
-        } else {
-          if (nesterov) sgd_row<false, true>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
-          else sgd_row<false, false>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
-        }
+        continue;
+      }
+      float* br = buf + r;
+      if (fresh) {
+        if (nesterov) sgd_row<true, true>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
+        else sgd_row<true, false>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
+      } else {
+        if (nesterov) sgd_row<false, true>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
+        else sgd_row<false, false>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
       }
     }
   });
@@ -252,17 +272,14 @@ std::vector<int64_t> centralize_(at::TensorList grads, at::IntArrayRef rows) {
   std::vector<char> ok(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) ok[i] = takes(grads[i], {}, rows[i]);
   const auto items = items_of(grads, rows, ok);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const Item& it = items[k];
-      if (it.row == 0) continue;
-      float* g = grads[it.tensor].data_ptr<float>();
-      for (int64_t r = it.begin; r < it.end; r += it.row) {
-        const float mean = row_mean(g + r, g + r, it.row, 1.f, 0.f);
-        float* gr = g + r;
+  for_items(items, [&](const Item& it) {
+    if (it.row == 0) return;
+    float* g = grads[it.tensor].data_ptr<float>();
+    for (int64_t r = it.begin; r < it.end; r += it.row) {
+      const float mean = row_mean(g + r, g + r, it.row, 1.f, 0.f);
+      float* gr = g + r;
 #pragma omp simd
-        for (int64_t j = 0; j < it.row; ++j) gr[j] -= mean;
-      }
+      for (int64_t j = 0; j < it.row; ++j) gr[j] -= mean;
     }
   });
   return skipped_of(ok);
