@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -126,6 +128,46 @@ inline float row_mean(const float* g, const float* w, int64_t m, float s, float 
   return acc / static_cast<float>(m);
 }
 
+// Runs body(j) for j in [0, m) as one SIMD loop. With kSum it also returns
+// Σ s·gn[j] + l2·wn[j] (the next row's sum, see walk_rows), else 0.
+template <bool kSum, typename Body>
+inline float row_loop(int64_t m, const float* gn, const float* wn, float s, float l2,
+                      const Body& body) {
+  if constexpr (kSum) {
+    float next = 0.f;
+#pragma omp simd reduction(+ : next)
+    for (int64_t j = 0; j < m; ++j) {
+      next += s * gn[j] + l2 * wn[j];
+      body(j);
+    }
+    return next;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) body(j);
+    return 0.f;
+  }
+}
+
+// Walks one item. Centred rows: the first row's mean up front, then each row's
+// update also sums the next row's s·g + l2·w, so the next gradient row streams
+// in beside this row's state instead of alone (one read stream alone leaves
+// memory bandwidth idle). Plain chunks: one pass, mean 0, no sum.
+// row(sum_next, r, m, mean, gn, wn) updates [r, r + m) and returns row_loop's sum.
+template <typename Row>
+inline void walk_rows(const Item& it, const float* g, const float* w, float s, float l2,
+                      const Row& row) {
+  if (it.row == 0) {
+    row(std::false_type{}, it.begin, it.end - it.begin, 0.f, g, w);
+    return;
+  }
+  const int64_t m = it.row;
+  float mean = row_mean(g + it.begin, w + it.begin, m, s, l2);
+  for (int64_t r = it.begin; r < it.end; r += m) {
+    const int64_t next = r + m < it.end ? r + m : r;  // last row: re-sums itself, unused
+    mean = row(std::true_type{}, r, m, mean, g + next, w + next) / static_cast<float>(m);
+  }
+}
+
 std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                            at::TensorList max_exp_avg_sqs, at::TensorList steps,
@@ -154,7 +196,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
   }
   const auto items = items_of(params, rows, ok);
   const float s = maximize ? -1.f : 1.f, fl2 = static_cast<float>(l2);
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const float b2 = static_cast<float>(beta2);
   const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
   const float feps = static_cast<float>(eps);
   const float shrink = static_cast<float>(1.0 - lr * decoupled);
@@ -165,16 +207,16 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
     float* va = exp_avg_sqs[it.tensor].data_ptr<float>();
     float* mx = amsgrad ? max_exp_avg_sqs[it.tensor].data_ptr<float>() : nullptr;
     const float ss = step_size[it.tensor], bc = bc2_sqrt[it.tensor];
-    const int64_t m = it.row > 0 ? it.row : it.end - it.begin;
-    for (int64_t r = it.begin; r < it.end; r += m) {
-      const float mean = it.row > 0 ? row_mean(g + r, p + r, m, s, fl2) : 0.f;
+    walk_rows(it, g, p, s, fl2, [&](auto sum_next, int64_t r, int64_t m, float mean,
+                                    const float* gn, const float* wn) {
+      constexpr bool kSum = decltype(sum_next)::value;
       float* pr = p + r;
       const float* gr = g + r;
       float* mr = ma + r;
       float* vr = va + r;
       if (amsgrad) {
         float* xr = mx + r;
-        for (int64_t j = 0; j < m; ++j) {
+        return row_loop<kSum>(m, gn, wn, s, fl2, [=](int64_t j) {
           const float w = pr[j];
           const float gh = s * gr[j] + fl2 * w - mean;
           const float mj = mr[j] + one_b1 * (gh - mr[j]);
@@ -184,37 +226,34 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
           vr[j] = vj;
           xr[j] = xj;
           pr[j] = w * shrink - ss * mj / (std::sqrt(xj) / bc + feps);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          const float w = pr[j];
-          const float gh = s * gr[j] + fl2 * w - mean;
-          const float mj = mr[j] + one_b1 * (gh - mr[j]);
-          const float vj = b2 * vr[j] + one_b2 * gh * gh;
-          mr[j] = mj;
-          vr[j] = vj;
-          pr[j] = w * shrink - ss * mj / (std::sqrt(vj) / bc + feps);
-        }
+        });
       }
-    }
+      return row_loop<kSum>(m, gn, wn, s, fl2, [=](int64_t j) {
+        const float w = pr[j];
+        const float gh = s * gr[j] + fl2 * w - mean;
+        const float mj = mr[j] + one_b1 * (gh - mr[j]);
+        const float vj = b2 * vr[j] + one_b2 * gh * gh;
+        mr[j] = mj;
+        vr[j] = vj;
+        pr[j] = w * shrink - ss * mj / (std::sqrt(vj) / bc + feps);
+      });
+    });
   });
   return skipped_of(ok);
 }
 
 // One row of SGD: buf ← μ·buf + (1-τ)·ĝ (buf ← ĝ when fresh), p ← p·shrink − lr·d.
-template <bool kFresh, bool kNesterov>
-inline void sgd_row(float* __restrict p, const float* __restrict g, float* __restrict buf,
-                    int64_t m, float s, float l2, float mean, float lr, float mu, float damp,
-                    float shrink) {
-#pragma omp simd
-  for (int64_t j = 0; j < m; ++j) {
+template <bool kSum, bool kFresh, bool kNesterov>
+inline float sgd_row(float* p, const float* g, float* buf, const float* gn, const float* wn,
+                     int64_t m, float s, float l2, float mean, float lr, float mu, float damp,
+                     float shrink) {
+  return row_loop<kSum>(m, gn, wn, s, l2, [=](int64_t j) {
     const float w = p[j];
     const float gh = s * g[j] + l2 * w - mean;
     const float bj = kFresh ? gh : mu * buf[j] + damp * gh;
     buf[j] = bj;
     p[j] = w * shrink - lr * (kNesterov ? gh + mu * bj : bj);
-  }
+  });
 }
 
 std::vector<int64_t> sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
@@ -241,28 +280,26 @@ std::vector<int64_t> sgd_(at::TensorList params, at::TensorList grads, at::Tenso
     const float* g = grads[it.tensor].data_ptr<float>();
     float* buf = has_buf ? bufs[it.tensor].data_ptr<float>() : nullptr;
     const bool fresh = has_buf && first.get(it.tensor);
-    const int64_t m = it.row > 0 ? it.row : it.end - it.begin;
-    for (int64_t r = it.begin; r < it.end; r += m) {
-      const float mean = it.row > 0 ? row_mean(g + r, p + r, m, s, fl2) : 0.f;
+    walk_rows(it, g, p, s, fl2, [&](auto sum_next, int64_t r, int64_t m, float mean,
+                                    const float* gn, const float* wn) {
+      constexpr bool kSum = decltype(sum_next)::value;
       float* pr = p + r;
       const float* gr = g + r;
       if (!has_buf) {
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
+        return row_loop<kSum>(m, gn, wn, s, fl2, [=](int64_t j) {
           const float w = pr[j];
           pr[j] = w * fshrink - flr * (s * gr[j] + fl2 * w - mean);
-        }
-        continue;
+        });
       }
-      float* br = buf + r;
+      const auto args = std::make_tuple(pr, gr, buf + r, gn, wn, m, s, fl2, mean, flr, mu, damp,
+                                        fshrink);
       if (fresh) {
-        if (nesterov) sgd_row<true, true>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
-        else sgd_row<true, false>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
-      } else {
-        if (nesterov) sgd_row<false, true>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
-        else sgd_row<false, false>(pr, gr, br, m, s, fl2, mean, flr, mu, damp, fshrink);
+        return nesterov ? std::apply(sgd_row<kSum, true, true>, args)
+                        : std::apply(sgd_row<kSum, true, false>, args);
       }
-    }
+      return nesterov ? std::apply(sgd_row<kSum, false, true>, args)
+                      : std::apply(sgd_row<kSum, false, false>, args);
+    });
   });
   return skipped_of(ok);
 }
@@ -273,14 +310,14 @@ std::vector<int64_t> centralize_(at::TensorList grads, at::IntArrayRef rows) {
   for (size_t i = 0; i < grads.size(); ++i) ok[i] = takes(grads[i], {}, rows[i]);
   const auto items = items_of(grads, rows, ok);
   for_items(items, [&](const Item& it) {
-    if (it.row == 0) return;
+    if (it.row == 0) return;  // nothing to centre
     float* g = grads[it.tensor].data_ptr<float>();
-    for (int64_t r = it.begin; r < it.end; r += it.row) {
-      const float mean = row_mean(g + r, g + r, it.row, 1.f, 0.f);
+    walk_rows(it, g, g, 1.f, 0.f, [&](auto sum_next, int64_t r, int64_t m, float mean,
+                                      const float* gn, const float* wn) {
+      constexpr bool kSum = decltype(sum_next)::value;
       float* gr = g + r;
-#pragma omp simd
-      for (int64_t j = 0; j < it.row; ++j) gr[j] -= mean;
-    }
+      return row_loop<kSum>(m, gn, wn, 1.f, 0.f, [=](int64_t j) { gr[j] -= mean; });
+    });
   });
   return skipped_of(ok);
 }
