@@ -135,6 +135,14 @@ inline float row_loop(int64_t m, const float* gn, const float* wn, float s, floa
                       const Body& body) {
   if constexpr (kSum) {
     float next = 0.f;
+    if (l2 == 0.f) {  // no decay in ĝ: the next weights are not read early
+#pragma omp simd reduction(+ : next)
+      for (int64_t j = 0; j < m; ++j) {
+        next += gn[j];
+        body(j);
+      }
+      return s * next;
+    }
 #pragma omp simd reduction(+ : next)
     for (int64_t j = 0; j < m; ++j) {
       next += s * gn[j] + l2 * wn[j];
@@ -181,7 +189,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
   check_sizes(steps.size(), n, "steps");
   check_sizes(rows.size(), n, "rows");
   std::vector<char> ok(n);
-  std::vector<float> step_size(n), bc2_sqrt(n);
+  std::vector<float> step_size(n), inv_bc2_sqrt(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor* mx = amsgrad ? &max_exp_avg_sqs[i] : &exp_avg_sqs[i];
     // torch's fused state: a float32 scalar step per parameter.
@@ -192,7 +200,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
     *sp += 1.f;  // once per step, as torch does
     const double step = *sp;
     step_size[i] = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
-    bc2_sqrt[i] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+    inv_bc2_sqrt[i] = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, step)));
   }
   const auto items = items_of(params, rows, ok);
   const float s = maximize ? -1.f : 1.f, fl2 = static_cast<float>(l2);
@@ -206,7 +214,9 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
     float* ma = exp_avgs[it.tensor].data_ptr<float>();
     float* va = exp_avg_sqs[it.tensor].data_ptr<float>();
     float* mx = amsgrad ? max_exp_avg_sqs[it.tensor].data_ptr<float>() : nullptr;
-    const float ss = step_size[it.tensor], bc = bc2_sqrt[it.tensor];
+    // 1/sqrt(bias correction 2): a product per element instead of a division
+    // (torch divides; the two agree to float32 rounding).
+    const float ss = step_size[it.tensor], inv_bc = inv_bc2_sqrt[it.tensor];
     walk_rows(it, g, p, s, fl2, [&](auto sum_next, int64_t r, int64_t m, float mean,
                                     const float* gn, const float* wn) {
       constexpr bool kSum = decltype(sum_next)::value;
@@ -225,7 +235,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
           mr[j] = mj;
           vr[j] = vj;
           xr[j] = xj;
-          pr[j] = w * shrink - ss * mj / (std::sqrt(xj) / bc + feps);
+          pr[j] = w * shrink - ss * mj / (std::sqrt(xj) * inv_bc + feps);
         });
       }
       return row_loop<kSum>(m, gn, wn, s, fl2, [=](int64_t j) {
@@ -235,7 +245,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
         const float vj = b2 * vr[j] + one_b2 * gh * gh;
         mr[j] = mj;
         vr[j] = vj;
-        pr[j] = w * shrink - ss * mj / (std::sqrt(vj) / bc + feps);
+        pr[j] = w * shrink - ss * mj / (std::sqrt(vj) * inv_bc + feps);
       });
     });
   });
