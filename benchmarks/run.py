@@ -219,7 +219,10 @@ def _paths(m: dict[str, float], strategy: str, key: str) -> dict[str, str]:
 
 
 def targets(sets: dict[str, dict], step: dict | None, strategy: str) -> dict[str, tuple]:
-    """(value, met) for each target of the issue and each fast path, from the medians."""
+    """(value, met) for each target of the issue and each fast path, from the medians.
+
+    ``met`` is None for reference lines (torch's own per-parameter cost).
+    """
     out: dict[str, tuple] = {}
     names = list(TARGETS)
     for label, res in sets.items():
@@ -241,13 +244,17 @@ def targets(sets: dict[str, dict], step: dict | None, strategy: str) -> dict[str
                 out[f"{names[3]} [{which}]"] = (f"{share:.3%}", share <= TARGETS[names[3]])
     if len(sets) == 2:
         (la, a), (lb, b) = sets.items()
-        for path, key in _paths(a["median_s"], strategy, "Adam").items():
+        paths = _paths(a["median_s"], strategy, "Adam")
+        paths["torch (reference, no GC)"] = "torch fused Adam (no GC)"
+        for path, key in paths.items():
             if key not in b["median_s"]:
                 continue
             per_a, per_b = a["median_s"][key] / a["params"], b["median_s"][key] / b["params"]
             dev = per_b / per_a - 1
             name = f"{names[4]}, {path} Adam"
-            out[f"{name} [{lb} vs {la}]"] = (f"{dev:+.1%}", abs(dev) <= TARGETS[names[4]])
+            # torch's own step shows what the machine does to per-parameter cost.
+            met = None if path.startswith("torch") else abs(dev) <= TARGETS[names[4]]
+            out[f"{name} [{lb} vs {la}]"] = (f"{dev:+.1%}", met)
     return out
 
 
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     met = targets(sets, step, "per_param")
     print("\nTargets (issue #4):")
     for name, (value, ok) in met.items():
-        print(f"  [{'met' if ok else 'NOT met'}] {name}: {value}")
+        print(f"  [{'info' if ok is None else 'met' if ok else 'NOT met'}] {name}: {value}")
     result = {"device": args.device, "torch": torch.__version__, "quick": args.quick}
     result.update({"sets": sets, "resnet18_step": step, "targets": met})
     if args.json:
