@@ -214,3 +214,24 @@ def test_build_failure_is_named_and_remembered(monkeypatch):
         with pytest.raises(RuntimeError, match=r"g\+\+\) and ninja \(pip install ninja\)"):
             gradcent.SGD([nn.Parameter(torch.randn(3, 4))], lr=0.1, impl="native")
     assert len(calls) == 1  # the failure is remembered, not retried per optimizer
+
+
+def test_new_shapes_and_groups_build_nothing(monkeypatch):
+    # One build per machine: later optimizers, shapes and param groups reuse the
+    # loaded kernels (shapes are runtime arguments, nothing is specialised).
+    import torch.utils.cpp_extension as ext
+
+    native.load()
+
+    def no_build(**kw):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(ext, "load_inline", no_build)
+    a = nn.Parameter(torch.randn(9, 2, 5, 5))
+    b = nn.Parameter(torch.randn(4, 33))
+    opt = gradcent.Adam([a], lr=1e-2, impl="native")
+    opt.add_param_group({"params": [b], "lr": 1e-3, "gc": None})
+    for _ in range(2):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+    assert opt.state[a]["step"].item() == 2.0 and opt.state[b]["step"].item() == 2.0
