@@ -6,9 +6,10 @@ computes, per parameter, the per-unit mean of ĝ = g + λw and the whole update
 in one compiled kernel (``torch.compile``: Inductor emits C++ on CPU and Triton
 on GPU). Inductor's outer-loop fusion computes each unit's mean and then updates
 that unit while its row is still in cache, so GC adds no pass over memory.
-(Memory traffic is not the whole cost: on the loaded 2-core CPU measured in
+(Memory traffic is not the whole cost: on the 2-core CPU measured in
 docs/BENCHMARKS.md this kernel is still slower than torch's hand-written fused
-Adam, and each compiled call pays Dynamo's per-call overhead.)
+Adam, and each compiled call pays Dynamo's per-call overhead; on CPU,
+``impl="native"`` (:mod:`._native`) is the fast path.)
 
 Each GC'd parameter is viewed as a 2-D ``(units, M)`` tensor (a conv weight
 ``(out, in, k, k)`` as ``(out, in·k·k)``; channels_last too, since the mean is
