@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradcent.optim._fused import IMPLS
+
 
 def parse_seeds(text: str) -> tuple[int, ...]:
     """``"5"`` -> seeds 0..4; ``"0,3,7"`` -> those seeds.
@@ -105,6 +107,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--optimizer", help="sgd, sgdw, adam, adamw, adagrad")
+    p.add_argument("--impl", choices=IMPLS,
+                   help="the optimizer's impl= (default; fused, blocked, native: GC inside the "
+                        "step, GC time not reported)")
     p.add_argument("--gc-mode", help="GC mode of the gc variants: all, conv, fc")
     p.add_argument("--sweep", type=parse_sweep,
                    help="compare at each value, e.g. lr=0.01,0.1 or weight-decay=0,1e-4")
@@ -145,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_OPTIONS = ("dataset", "data", "model", "norm", "ws", "pretrained", "variants", "seeds",
                    "epochs", "subset", "image_size", "batch_size", "lr", "momentum", "weight_decay",
-                   "optimizer", "gc_mode", "sweep", "device", "workers", "threads", "quiet")
+                   "optimizer", "impl", "gc_mode", "sweep", "device", "workers", "threads",
+                   "quiet")
 
 
 def resolve_config(args: argparse.Namespace) -> Any:

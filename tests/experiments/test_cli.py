@@ -1,4 +1,6 @@
 import argparse
+import json
+import math
 import os
 import re
 import subprocess
@@ -58,6 +60,9 @@ def test_options_resolve_into_the_config():
         (["train", "--epochs", "0"], "--epochs: invalid value '0'"),
         (["train", "--device", "tpu"], "Invalid device: 'tpu'"),
         (["train", "--resume"], "--resume needs --out"),
+        (["train", "--impl", "turbo"], "--impl: invalid choice: 'turbo'"),
+        (["train", "--optimizer", "adagrad", "--impl", "blocked"],
+         "Invalid impl for optimizer 'adagrad': 'blocked'"),
     ],
 )
 def test_bad_values_exit_2_naming_them(argv, message, capsys):
@@ -96,6 +101,49 @@ def test_compare_end_to_end(tmp_path, capsys, monkeypatch):
     plot = plots[0] if plots[0].is_absolute() else tmp_path / plots[0]
     assert plot.stat().st_size > 1024 and plot.parent.parent.name == "runs"
     assert plot.parent.name.startswith("compare-digits-")
+
+
+def test_impl_option_resolves_into_the_config():
+    parser = build_parser()
+    assert resolve_config(parser.parse_args(["train"])).impl == "default"
+    for command in ("train", "compare"):
+        cfg = resolve_config(parser.parse_args([command, "--impl", "native"]))
+        assert cfg.impl == "native"
+    # a preset keeps its protocol and takes the impl
+    cfg = resolve_config(parser.parse_args(["compare", "--preset", "table1", "--impl", "blocked"]))
+    assert (cfg.preset, cfg.impl, cfg.optimizer) == ("table1", "blocked", "sgd")
+
+
+@pytest.mark.parametrize("impl", ["blocked", "native"])
+def test_train_with_impl_end_to_end(tmp_path, capsys, impl):
+    out = tmp_path / impl
+    assert main(["train", "--impl", impl, "--subset", "64", "--epochs", "1", "--batch-size",
+                 "32", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "GC n/a (in the step)" in stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["impl"] == impl
+    assert 0 <= result["final"]["test_acc"] <= 100
+    assert math.isfinite(result["final"]["train_loss"]) and math.isnan(result["gc_time"])
+
+
+def test_compare_with_impl_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--impl", "blocked", "--subset", "64", "--epochs", "1", "--seeds",
+                 "1", "--batch-size", "32", "--quiet", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    rows = [line.split() for line in stdout.splitlines()
+            if line.startswith(("baseline ", "gc "))]
+    assert [r[0] for r in rows] == ["baseline", "gc"] and all(r[-1] == "n/a" for r in rows)
+    table = [line for line in stdout.splitlines() if not line.startswith(("plot:", "results:"))]
+    assert "GC % n/a (in the step)" in table[-1] and not any("nan" in line for line in table)
+    assert json.loads((out / "results.json").read_text())["config"]["impl"] == "blocked"
+    # gc-update attaches GC to a plain torch optimizer: no impl=
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--impl", "blocked", "--variants", "gc-update", "--subset", "64",
+              "--epochs", "1", "--seeds", "1", "--quiet", "--out", str(tmp_path / "upd")])
+    assert e.value.code == 2
+    assert "Invalid variant for impl 'blocked': 'gc-update'" in capsys.readouterr().err
 
 
 def test_presets_command_and_preset_resolution(capsys):

@@ -8,7 +8,7 @@ from scipy import stats as sps
 
 from gradcent.experiments.compare import run_compare, run_dir, sweep_points
 from gradcent.experiments.config import resolve
-from gradcent.experiments.report import format_table, summary_rows
+from gradcent.experiments.report import format_table, summary_rows, write_results
 from gradcent.experiments.train import RESULT
 
 
@@ -99,3 +99,24 @@ def test_summary_rows_and_paper_column():
     assert "paper (table1)" in lines[0]
     assert lines[2].split()[:2] == ["baseline", "2"] and "76.87 ± 0.26" in lines[2]
     assert "94.00 ± 1.41" in lines[3] and "+3.00" in lines[3] and "78.82 ± 0.31" in lines[3]
+
+
+def test_report_json_and_csv_when_gc_runs_inside_the_step(tmp_path):
+    # impl other than "default": gc_time and gc_share are NaN, not 0
+    results = [{**_fake(v, s, 90.0 + s, 0.2), "gc_time": math.nan, "gc_share": math.nan}
+               for v in ("baseline", "gc") for s in (0, 1)]
+    rows = summary_rows(results, ["baseline", "gc"])
+    assert math.isnan(rows[1]["gc_share"]) and rows[1]["s_per_epoch"] == 2.0
+    assert rows[1]["test_acc"]["mean"] == 90.5
+    text = format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[-2:] == ["GC", "%"]
+    assert lines[2].split()[-1] == "n/a" and lines[3].split()[-1] == "n/a"
+    assert "GC % n/a (in the step)" in lines[-1] and "nan" not in text
+    json_path, csv_path = write_results(tmp_path, _cfg(impl="blocked"), results, rows)
+    doc = json.loads(json_path.read_text())
+    assert doc["config"]["impl"] == "blocked" and math.isnan(doc["runs"][0]["gc_time"])
+    with csv_path.open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 4 and math.isnan(float(csv_rows[0]["gc_share"]))
+    assert float(csv_rows[0]["test_acc"]) == 90.0

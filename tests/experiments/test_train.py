@@ -241,3 +241,76 @@ def test_coco_bbox_ap_with_pycocotools(tmp_path):
     shifted = [b + 4.0 for b in boxes]  # boxes moved by 4 px: IoU < 0.5 for the small ones
     out = evaluate(_Oracle(shifted), loader, torch.device("cpu"), task="detection")
     assert 0 <= out["test_ap"] < 60
+
+
+def test_impl_is_validated_and_old_configs_load():
+    assert _cfg().impl == "default"
+    with pytest.raises(ValueError, match=r"Invalid impl: 'turbo' \(expected one of 'default'"):
+        _cfg(impl="turbo")
+    with pytest.raises(ValueError, match="Invalid impl for optimizer 'adagrad': 'native'"):
+        _cfg(optimizer="adagrad", impl="native")
+    # a sweep point that switches to Adagrad is refused up front too
+    with pytest.raises(ValueError, match="Invalid impl for optimizer 'adagrad': 'blocked'"):
+        _cfg(impl="blocked", sweep={"optimizer=adagrad": {"optimizer": "adagrad"}})
+    assert _cfg(optimizer="adagrad").impl == "default"
+    # config.json / results.json written before the option existed
+    old = _cfg(epochs=2).to_dict()
+    del old["impl"]
+    assert RunConfig.from_json(json.dumps(old)) == _cfg(epochs=2)
+    assert _cfg(impl="native").replace(impl="blocked").impl == "blocked"
+
+
+def test_build_optimizer_passes_impl():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    opt, _ = build_optimizer(_cfg(), get_variant("gc"), model)
+    assert opt.impl == "default"
+    opt, _ = build_optimizer(_cfg(impl="native"), get_variant("gc"), model)  # builds once
+    assert type(opt).__name__ == "SGD" and opt.impl == "native"
+    assert opt.param_groups[0]["gc"] == "all"
+    # the baseline too: the fast paths run without GC as well
+    opt, _ = build_optimizer(_cfg(impl="blocked", optimizer="adamw", lr=1e-3),
+                             get_variant("baseline"), model)
+    assert type(opt).__name__ == "AdamW" and opt.impl == "blocked"
+    assert opt.param_groups[0]["gc"] is None
+    opt, _ = build_optimizer(_cfg(optimizer="adagrad"), get_variant("gc"), model)
+    assert type(opt).__name__ == "Adagrad"  # no impl= passed to it
+    with pytest.raises(ValueError, match="Invalid variant for impl 'blocked': 'gc-update'"):
+        build_optimizer(_cfg(impl="blocked"), get_variant("gc-update"), model)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "native"])
+def test_fast_impl_trains_and_reports_no_gc_time(tmp_path, data, impl):
+    lines = []
+    cfg = _cfg(epochs=1)
+    fast = train_run(cfg.replace(impl=impl), "gc", 0, tmp_path / impl, data=data,
+                     log=lines.append)
+    ref = train_run(cfg, "gc", 0, tmp_path / "default", data=data, log=None)
+    assert 0 <= fast["final"]["test_acc"] <= 100 and math.isfinite(fast["final"]["test_loss"])
+    # the same training as impl="default", to float32 rounding
+    assert fast["final"]["train_loss"] == pytest.approx(ref["final"]["train_loss"], rel=1e-4)
+    assert fast["final"]["test_loss"] == pytest.approx(ref["final"]["test_loss"], rel=1e-4)
+    # GC runs inside the step: its time is unknown (NaN), not zero
+    assert math.isnan(fast["gc_time"]) and math.isnan(fast["gc_share"])
+    assert math.isnan(fast["history"][0]["gc_time"]) and fast["epoch_time"] > 0
+    assert ref["gc_time"] > 0
+    assert "GC n/a (in the step)" in lines[0] and "nan" not in lines[0]
+    saved = json.loads((tmp_path / impl / RESULT).read_text())
+    assert saved["config"]["impl"] == impl and math.isnan(saved["gc_time"])
+    # another impl is another run: its checkpoint is not resumed
+    with pytest.raises(ValueError, match="finished run with a different"):
+        train_run(cfg, "gc", 0, tmp_path / impl, data=data, resume=True, log=None)
+
+
+def test_checkpoint_from_before_impl_still_resumes(tmp_path, data):
+    cfg = _cfg(epochs=2)
+    train_run(cfg, "gc", 0, tmp_path, data=data, stop_after=1, log=None)
+    ckpt = _state(tmp_path)
+    del ckpt["config"]["impl"]  # as written by a version without the option
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    resumed = train_run(cfg, "gc", 0, tmp_path, data=data, resume=True, log=None)
+    assert resumed["finished"] and resumed["epochs"] == 2
+    # while a checkpoint of another impl is refused
+    train_run(cfg.replace(impl="blocked"), "gc", 0, tmp_path / "x", data=data, stop_after=1,
+              log=None)
+    with pytest.raises(ValueError, match="different run"):
+        train_run(cfg, "gc", 0, tmp_path / "x", data=data, resume=True, log=None)

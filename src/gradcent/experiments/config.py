@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gradcent.optim._fused import check_impl
+
 OPTIMIZERS = ("sgd", "sgdw", "adam", "adamw", "adagrad")
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -44,6 +46,10 @@ class RunConfig:
         lr_pretrained: learning rate of the pre-trained layers when fine-tuning
             (``lr`` is then the new FC layer's rate); None means ``lr / 10``.
         optimizer: one of :data:`OPTIMIZERS`.
+        impl: the optimizer's ``impl=`` (``"default"``, ``"fused"``, ``"blocked"``
+            or ``"native"``; README "Fast paths"). Other than ``"default"``, GC
+            runs inside the optimizer step, so its time is not measured apart
+            (``gc_time`` and ``gc_share`` are NaN). Not for ``adagrad``.
         lr, momentum, weight_decay: optimizer hyper-parameters.
         epochs, batch_size: training length and mini-batch size.
         milestones, gamma: MultiStepLR schedule (epochs at which lr *= gamma).
@@ -77,6 +83,7 @@ class RunConfig:
     pretrained: str | None = None
     lr_pretrained: float | None = None
     optimizer: str = "sgd"
+    impl: str = "default"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -155,6 +162,11 @@ def validate(cfg: RunConfig) -> None:
     """
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} (expected one of {OPTIMIZERS})")
+    check_impl(cfg.impl)  # "Invalid impl: 'x' (expected one of ...)"
+    swept = {point["optimizer"] for point in cfg.sweep.values() if "optimizer" in point}
+    if cfg.impl != "default" and "adagrad" in {cfg.optimizer, *swept}:
+        raise ValueError(f"Invalid impl for optimizer 'adagrad': {cfg.impl!r} (gradcent.Adagrad "
+                         "has no impl=; use impl 'default' or another optimizer)")
     if cfg.device not in DEVICES:
         raise ValueError(f"Invalid device: {cfg.device!r} (expected one of {DEVICES})")
     if not cfg.lr > 0:

@@ -62,7 +62,8 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
 
     Returns:
         Rows with point, variant, n, seeds, metric, metric mean/std/diff/p,
-        train_loss mean/std/diff/p, s_per_epoch, gc_share.
+        train_loss mean/std/diff/p, s_per_epoch, gc_share (NaN when the runs'
+        ``impl`` fuses GC into the optimizer step, which is not timed apart).
 
     References:
         Yong et al., ECCV 2020, Tables 1-9; Welch, Biometrika 1947.
@@ -135,7 +136,7 @@ def format_table(rows: Sequence[dict[str, Any]], paper: PaperLookup | None = Non
         lines.append([row["point"] or "-", row["variant"], str(row["n"]), _fmt(m, row["n"], 2),
                       _diff(m, 2), format_p(m["p"]), _fmt(t, row["n"], 4), _diff(t, 4),
                       format_p(t["p"]), f"{row['s_per_epoch']:.2f}",
-                      "-" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}"])
+                      "n/a" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}"])
         paper_col.append(_paper_value(paper, paper_table, row))
     if any(paper_col):
         header.append(f"paper ({paper_table})")
@@ -153,6 +154,9 @@ def format_table(rows: Sequence[dict[str, Any]], paper: PaperLookup | None = Non
     ref = rows[0]["reference"]
     out.append(f"diff: variant mean - {ref} mean; p: two-sided Welch t-test vs {ref}; "
                "± is the sample std (ddof=1) over seeds")
+    if any(math.isnan(row["gc_share"]) for row in rows):
+        out.append("GC % n/a (in the step): with --impl other than default GC is fused "
+                   "into the optimizer step and not timed apart")
     return "\n".join(out)
 
 

@@ -139,18 +139,28 @@ class GCTimer:
     Centralizer only loops over the param groups, which the timer reports too
     (close to zero): that is the honest cost of having GC switched off.
 
+    With ``impl`` other than ``"default"`` GC is fused into the optimizer's
+    step, which never calls ``before`` / ``after``: its time cannot be told
+    apart from the update's, so ``in_step=True`` makes every lap NaN (not 0).
+
     Args:
         centralizer: the Centralizer of the optimizer.
         device: the training device.
+        in_step: GC runs inside the step (``cfg.impl != "default"``); not timed.
 
     References:
         Yong et al., ECCV 2020, §3.3 (GC's computational cost).
 
     """
 
-    def __init__(self, centralizer: Centralizer, device: torch.device) -> None:
+    def __init__(
+        self, centralizer: Centralizer, device: torch.device, in_step: bool = False
+    ) -> None:
         self.seconds = 0.0
         self._sync = device.type == "cuda"
+        self._in_step = in_step
+        if in_step:
+            return
         for name in ("before", "after"):
             setattr(centralizer, name, self._timed(getattr(centralizer, name)))
 
@@ -169,9 +179,14 @@ class GCTimer:
         return wrapper
 
     def lap(self) -> float:
-        """Seconds since the last lap (GC time of one epoch)."""
+        """Seconds since the last lap (GC time of one epoch); NaN when ``in_step``."""
         s, self.seconds = self.seconds, 0.0
-        return s
+        return math.nan if self._in_step else s
+
+
+def format_gc_time(seconds: float) -> str:
+    """``"0.123s"``, or ``"n/a (in the step)"`` for the NaN of a fused ``impl``."""
+    return "n/a (in the step)" if math.isnan(seconds) else f"{seconds:.3f}s"
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -397,7 +412,8 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
                                            lr_pre)
     optimizer, centralizer = build_optimizer(cfg, variant, model, params)
     scheduler = build_scheduler(cfg, optimizer)
-    return model, optimizer, scheduler, GCTimer(centralizer, device)
+    return model, optimizer, scheduler, GCTimer(centralizer, device,
+                                                in_step=cfg.impl != "default")
 
 
 @contextlib.contextmanager
@@ -459,7 +475,9 @@ def train_run(
     Returns:
         The result: variant, seed, per-epoch history (train_loss, train_acc,
         test_loss, test_acc, lr, epoch_time, gc_time), final metrics, mean
-        seconds per epoch, GC share of the epoch time, and the config.
+        seconds per epoch, GC share of the epoch time (``gc_time`` and
+        ``gc_share`` are NaN when ``cfg.impl`` fuses GC into the step), and
+        the config.
 
     Raises:
         ValueError: a checkpoint from a different config, or bad options.
@@ -495,7 +513,9 @@ def train_run(
         ckpt_path = run_dir / CHECKPOINT
         if resume and ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if ckpt["config"] != numeric_config(cfg) or ckpt["variant"] != variant or \
+            # Through RunConfig: options added since the checkpoint take their defaults.
+            saved = numeric_config(RunConfig.from_dict(ckpt["config"]))
+            if saved != numeric_config(cfg) or ckpt["variant"] != variant or \
                     ckpt["seed"] != seed:
                 raise ValueError(f"Checkpoint {ckpt_path} is from a different run (config, "
                                  "variant or seed differ); remove it or use another --out")
@@ -537,7 +557,7 @@ def train_run(
                 log(f"[{variant} seed={seed}] epoch {epoch + 1}/{cfg.epochs} "
                     f"train_loss={train_loss:.4f} test_loss={row['test_loss']:.4f} "
                     f"test_acc={row['test_acc']:.2f} ({epoch_time:.2f}s, "
-                    f"GC {row['gc_time']:.3f}s)")
+                    f"GC {format_gc_time(row['gc_time'])})")
     result = summarize_run(cfg, variant, seed, history)
     if result["finished"] and ranks.is_main:
         atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT)

@@ -133,17 +133,24 @@ def build_optimizer(
     Gradient variants use gradcent's named optimizers (``gc=mode``; ``gc=None``
     is the torch optimizer bit for bit). ``gc-update`` builds the plain torch
     optimizer and attaches GC with ``where="update"`` (not available for SGDW,
-    which torch does not have).
+    which torch does not have, nor with ``cfg.impl`` other than ``"default"``).
+    ``cfg.impl`` goes to gradcent's optimizer, GC-free baselines included (the
+    fast paths run without GC too).
 
     Args:
-        cfg: the run's config (optimizer, lr, momentum, weight decay).
+        cfg: the run's config (optimizer, impl, lr, momentum, weight decay).
         variant: the variant.
         model: the model (for per-layer output axes).
         params: parameters or param groups (fine-tuning); default all of the model's.
 
     Returns:
         The optimizer and the :class:`Centralizer` that applies GC for it (its
-        ``before`` / ``after`` are what the training loop times as GC cost).
+        ``before`` / ``after`` are what the training loop times as GC cost; with
+        ``cfg.impl`` other than ``"default"`` the step does not call them).
+
+    Raises:
+        ValueError: ``gc-update`` with SGDW or with ``cfg.impl`` other than
+            ``"default"``, naming the variant and the optimizer or impl.
 
     References:
         Yong et al., ECCV 2020, Algorithms 1-2 and §5.3 (the optimizers).
@@ -155,6 +162,11 @@ def build_optimizer(
     if variant.where == "update":
         # A plain torch optimizer: a gradcent one would carry a per-group
         # "gc": None key, which attach honours over its own mode.
+        if cfg.impl != "default":
+            raise ValueError(
+                f"Invalid variant for impl {cfg.impl!r}: {variant.name!r} attaches GC to a "
+                "plain torch optimizer, which has no impl=; use 'gc' or impl 'default'"
+            )
         if cfg.optimizer not in _TORCH_OPT:
             raise ValueError(
                 f"Invalid variant for optimizer {cfg.optimizer!r}: 'gc-update' needs one of "
@@ -163,7 +175,9 @@ def build_optimizer(
         opt = _TORCH_OPT[cfg.optimizer](params, **_hyper(cfg))
         handle = gradcent.attach(opt, model, mode=mode, where="update")
         return opt, handle._gc
-    opt = cls(params, gc=mode, model=model, **_hyper(cfg))
+    # impl= only when asked: gradcent.Adagrad has no such argument.
+    impl = {"impl": cfg.impl} if cfg.impl != "default" else {}
+    opt = cls(params, gc=mode, model=model, **_hyper(cfg), **impl)
     return opt, opt._gc
 
 
