@@ -62,7 +62,8 @@ std::vector<Item> items_of(at::TensorList params, at::IntArrayRef rows,
 
 // Runs fn on every item, the items cut into one contiguous run per thread with
 // about the same number of elements each (one parallel region, no per-tensor
-// barrier; small tensors' items do not unbalance the threads).
+// barrier; small tensors' items do not unbalance the threads). Items only set
+// the granularity of that cut: fn gets each tensor's share of a run whole.
 template <typename Fn>
 void for_items(const std::vector<Item>& items, const Fn& fn) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -81,7 +82,19 @@ void for_items(const std::vector<Item>& items, const Fn& fn) {
   while (static_cast<int64_t>(bounds.size()) <= threads) bounds.push_back(items.size());
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) fn(items[k]);
+      // Adjacent items of one tensor in a run are merged back into one, so that
+      // walk_rows computes only one standalone first-row mean per tensor and run.
+      Item cur{-1, 0, 0, 0};
+      for (size_t k = bounds[t]; k < bounds[t + 1]; ++k) {
+        const Item& it = items[k];
+        if (it.tensor == cur.tensor && it.begin == cur.end && it.row == cur.row) {
+          cur.end = it.end;
+          continue;
+        }
+        if (cur.tensor >= 0) fn(cur);
+        cur = it;
+      }
+      if (cur.tensor >= 0) fn(cur);
     }
   });
 }
