@@ -235,3 +235,21 @@ def test_new_shapes_and_groups_build_nothing(monkeypatch):
         a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
         opt.step()
     assert opt.state[a]["step"].item() == 2.0 and opt.state[b]["step"].item() == 2.0
+
+
+def test_grad_scaler_unscales_before_the_native_step():
+    def run(impl):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = gradcent.SGD(net.parameters(), lr=0.1, momentum=0.9, model=net, impl=impl)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(16, 6, generator=gen)
+            opt.zero_grad()
+            scaler.scale(net(x).square().mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        return list(net.parameters())
+
+    torch.testing.assert_close(run("native"), run("default"), rtol=1e-5, atol=1e-6)
