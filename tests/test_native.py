@@ -253,3 +253,14 @@ def test_grad_scaler_unscales_before_the_native_step():
         return list(net.parameters())
 
     torch.testing.assert_close(run("native"), run("default"), rtol=1e-5, atol=1e-6)
+
+
+def test_is_built_finds_both_torch_layouts(monkeypatch, tmp_path):
+    name = native.build_name()
+    native.load()
+    assert native._is_built(name)  # the real cache, default root
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not native._is_built(name)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / f"{name}.so").touch()  # $TORCH_EXTENSIONS_DIR/<name>/<name>.so
+    assert native._is_built(name)

@@ -1,7 +1,7 @@
 """The native step: GC and the update in one hand-written C++ pass over memory (CPU).
 
 ``impl="native"`` builds ``_native.cpp`` once per machine with
-``torch.utils.cpp_extension.load_inline`` (about 40 s on 2 cores; cached under
+``torch.utils.cpp_extension.load_inline`` (about a minute on 2 cores; cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and runs one
 kernel call per param group: every float32 CPU parameter, centred or not, is
 updated by one multi-threaded pass. For each unit (row) the kernel sums
@@ -71,14 +71,17 @@ def build_name() -> str:
     return f"gradcent_native_{h.hexdigest()[:12]}"
 
 
-def _build_dir(name: str) -> Path:
-    """Where ``load_inline`` builds ``name`` (as torch.utils.cpp_extension lays it out)."""
+def _is_built(name: str) -> bool:
+    """Whether a build of ``name`` is cached (to say "building..." only when it is not).
+
+    torch builds in ``$TORCH_EXTENSIONS_DIR/<name>`` or, without that variable, in
+    a python/accelerator subfolder of its default root; both are looked at.
+    """
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    cuda = torch.version.cuda
-    flavour = "cpu" if cuda is None else "cu" + cuda.replace(".", "")
-    return root / f"py{sys.version_info.major}{sys.version_info.minor}_{flavour}" / name
+    so = f"{name}.so"
+    return (root / name / so).exists() or any(root.glob(f"*/{name}/{so}"))
 
 
 @contextlib.contextmanager
@@ -108,7 +111,7 @@ def load():
     if "error" in _BUILD:
         raise RuntimeError(_BUILD["error"])
     name = build_name()
-    if not (_build_dir(name) / f"{name}.so").exists():
+    if not _is_built(name):
         print(
             "gradcent: building the native CPU kernel for impl='native' "
             "(once per machine, about a minute)...",
