@@ -87,9 +87,7 @@ def main() -> None:
             disable_tqdm=True,
             seed=0,
         )
-        trainer = transformers.Trainer(
-            model=model, args=targs, train_dataset=TokenSeven(), **extra
-        )
+        trainer = transformers.Trainer(model=model, args=targs, train_dataset=TokenSeven(), **extra)
         trainer.train()
     test = TokenSeven(n=256, seed=1)
     with torch.no_grad():

@@ -24,12 +24,25 @@ import gradcent
 from gradcent.distributed import fully_shard_model, gc_cost
 
 # SGD runs whose momentum buffers are checked for zero unit means ("none": a control).
-MEANS_MODE = {"sgd-all": "all", "sgd-conv": "conv", "sgd-fc": "fc", "sgd-fused": "all",
-              "none": "all"}
+MEANS_MODE = {
+    "sgd-all": "all",
+    "sgd-conv": "conv",
+    "sgd-fc": "fc",
+    "sgd-fused": "all",
+    "none": "all",
+}
 STEPS = 3
 GLOBAL_BATCH = 8
-OPTIMIZERS = ("sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update", "none",
-              "sgd-fused", "adamw-fused")
+OPTIMIZERS = (
+    "sgd-all",
+    "sgd-conv",
+    "sgd-fc",
+    "adam-attach",
+    "adamw-update",
+    "none",
+    "sgd-fused",
+    "adamw-fused",
+)
 
 
 def make_model() -> nn.Sequential:
@@ -58,8 +71,9 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if name == "sgd-fused":  # the kernels on each local shard; ConvTranspose via all-reduce
-        return gradcent.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2, model=model,
-                            impl="fused")
+        return gradcent.SGD(
+            params, lr=0.1, momentum=0.9, weight_decay=1e-2, model=model, impl="fused"
+        )
     if name == "adamw-fused":
         return gradcent.AdamW(params, lr=1e-2, weight_decay=1e-2, model=model, impl="fused")
     if name.startswith("sgd-"):

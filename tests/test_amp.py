@@ -186,9 +186,10 @@ def test_torch_fused_kernels_take_still_scaled_grads(cls):
             scaler.scale(loss).backward()
             if overflow and i == 2:
                 states = enumerate(opt.state.values())
-                snap = [p.detach().clone() for p in model.parameters()], {
-                    k: {n: v.clone() for n, v in s.items()} for k, s in states
-                }
+                snap = (
+                    [p.detach().clone() for p in model.parameters()],
+                    {k: {n: v.clone() for n, v in s.items()} for k, s in states},
+                )
                 model[0].weight.grad[0, 0] = float("inf")
             scaler.step(opt)
             scaler.update()

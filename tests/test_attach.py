@@ -169,6 +169,7 @@ def test_exception_inside_step_leaves_settings_and_next_steps_sound(how, monkeyp
         b = torch.optim.SGD(mb.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
         gradcent.attach(a, ma, where=where)
         gradcent.attach(b, mb, where=where)
+
     # torch's own update raises mid-step, after GC has run.
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure inside the update")

@@ -33,8 +33,12 @@ def test_clip_before_gc_step_uses_p_of_clipped_grad():
         expected = centralize(g) if p.dim() == 2 else g
         torch.testing.assert_close(p.detach(), w - 0.1 * expected)
     # ‖Pg‖ ≤ ‖g‖ (Theorem 4.2): the bound set by clipping still holds after GC.
-    total = math.sqrt(sum(centralize(g).pow(2).sum().item() if g.dim() == 2 else
-                          g.pow(2).sum().item() for g in clipped))
+    total = math.sqrt(
+        sum(
+            centralize(g).pow(2).sum().item() if g.dim() == 2 else g.pow(2).sum().item()
+            for g in clipped
+        )
+    )
     assert total <= 0.05 + 1e-6
 
 

@@ -21,8 +21,16 @@ import torch
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-OPTIMIZERS = ("sgd-all", "sgd-conv", "sgd-fc", "adam-attach", "adamw-update", "none",
-              "sgd-fused", "adamw-fused")
+OPTIMIZERS = (
+    "sgd-all",
+    "sgd-conv",
+    "sgd-fc",
+    "adam-attach",
+    "adamw-update",
+    "none",
+    "sgd-fused",
+    "adamw-fused",
+)
 WORLD = 2
 
 
@@ -187,8 +195,9 @@ def test_optimizer_state_round_trips_between_index_and_name_keys() -> None:
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    opt = torch.optim.SGD([{"params": net[1].parameters()}, {"params": net[0].parameters()}],
-                          lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(
+        [{"params": net[1].parameters()}, {"params": net[0].parameters()}], lr=0.1, momentum=0.9
+    )
     net(torch.randn(5, 3)).sum().backward()
     opt.step()
     names = param_names(net, opt)
@@ -219,8 +228,22 @@ def test_local_batch_and_setup_validate(monkeypatch: pytest.MonkeyPatch) -> None
 def _digits_args(out: Path) -> list[str]:
     # GroupNorm: no running statistics, so every rank holds the very same model
     # and the 2-rank test metrics can be checked against one process exactly.
-    return ["--dataset", "digits", "--subset", "200", "--epochs", "2", "--batch-size", "32",
-            "--norm", "gn", "--threads", "1", "--out", str(out)]
+    return [
+        "--dataset",
+        "digits",
+        "--subset",
+        "200",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--norm",
+        "gn",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.slow
@@ -231,8 +254,21 @@ def test_train_fsdp_on_two_ranks_resumes_on_one(tmp_path: Path) -> None:
     from gradcent.experiments.train import evaluate, make_loader
 
     out = tmp_path / "run"
-    launch(["-m", "gradcent", "train", "--distributed", "fsdp", *_digits_args(out),
-            "--stop-after", "1"], WORLD, tmp_path, timeout=110)
+    launch(
+        [
+            "-m",
+            "gradcent",
+            "train",
+            "--distributed",
+            "fsdp",
+            *_digits_args(out),
+            "--stop-after",
+            "1",
+        ],
+        WORLD,
+        tmp_path,
+        timeout=110,
+    )
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and not (out / "result.json").exists()
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)]

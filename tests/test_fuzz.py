@@ -236,6 +236,6 @@ def test_named_optimizers(setup, mode, kind):
         dims = spec.dims if spec.groups == 1 else tuple(d + 1 for d in spec.dims)
         assert g.mean(dims).abs().max() < 1e-6 * max(1.0, g.abs().max().item())
         if cls is gradcent.SGD:  # Eq. 4: SGD(M) keeps each unit's sum
-            d = (p.detach() - start[id(p)])
+            d = p.detach() - start[id(p)]
             d = d if spec.groups == 1 else d.unflatten(0, (spec.groups, -1))
             assert d.sum(dims).abs().max() < 1e-5 * max(1.0, math.sqrt(d.numel()))

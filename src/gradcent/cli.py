@@ -50,9 +50,18 @@ def parse_list(text: str) -> tuple[str, ...]:
     return items
 
 
-_SWEEP_TYPES = {"lr": float, "weight_decay": float, "momentum": float, "gamma": float,
-                "batch_size": int, "epochs": int, "optimizer": str, "gc_mode": str,
-                "norm": str, "model": str}
+_SWEEP_TYPES = {
+    "lr": float,
+    "weight_decay": float,
+    "momentum": float,
+    "gamma": float,
+    "batch_size": int,
+    "epochs": int,
+    "optimizer": str,
+    "gc_mode": str,
+    "norm": str,
+    "model": str,
+}
 
 
 def parse_sweep(text: str) -> dict[str, dict[str, Any]]:
@@ -100,19 +109,28 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=parse_seeds, help="N (seeds 0..N-1) or a comma list")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--subset", type=_positive_int, help="use only this many samples")
-    p.add_argument("--image-size", type=_positive_int,
-                   help="detection models: resize target (default 800; small for CPU smoke runs)")
+    p.add_argument(
+        "--image-size",
+        type=_positive_int,
+        help="detection models: resize target (default 800; small for CPU smoke runs)",
+    )
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--optimizer", help="sgd, sgdw, adam, adamw, adagrad")
-    p.add_argument("--impl", choices=IMPLS,
-                   help="the optimizer's impl= (default; fused, blocked, native: GC inside the "
-                        "step, GC time not reported)")
+    p.add_argument(
+        "--impl",
+        choices=IMPLS,
+        help="the optimizer's impl= (default; fused, blocked, native: GC inside the "
+        "step, GC time not reported)",
+    )
     p.add_argument("--gc-mode", help="GC mode of the gc variants: all, conv, fc")
-    p.add_argument("--sweep", type=parse_sweep,
-                   help="compare at each value, e.g. lr=0.01,0.1 or weight-decay=0,1e-4")
+    p.add_argument(
+        "--sweep",
+        type=parse_sweep,
+        help="compare at each value, e.g. lr=0.01,0.1 or weight-decay=0,1e-4",
+    )
     p.add_argument("--device", help="cpu, cuda or auto")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch default; 1 default)")
@@ -122,36 +140,69 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_distributed_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--distributed", choices=("none", "ddp", "fsdp"), default="none",
-                   help="under torchrun: DDP or FSDP2 over the ranks (docs/SCALING.md)")
+    p.add_argument(
+        "--distributed",
+        choices=("none", "ddp", "fsdp"),
+        default="none",
+        help="under torchrun: DDP or FSDP2 over the ranks (docs/SCALING.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``gradcent`` command."""
     parser = argparse.ArgumentParser(
-        prog="gradcent", description="Gradient Centralization experiments (Yong et al., 2020)")
+        prog="gradcent", description="Gradient Centralization experiments (Yong et al., 2020)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="one run, checkpointed every epoch")
     _add_run_options(train)
     _add_distributed_option(train)
-    train.add_argument("--stop-after", type=_positive_int,
-                       help="stop after N epochs in total, as if interrupted (then --resume)")
+    train.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        help="stop after N epochs in total, as if interrupted (then --resume)",
+    )
     compare = sub.add_parser("compare", help="variants x seeds, table + plots")
     _add_run_options(compare)
     _add_distributed_option(compare)
     diag = sub.add_parser("diagnose", help="Fig. 3 (weight means) and Fig. 4 (gradient norms)")
     _add_run_options(diag)
     diag.add_argument("--checkpoint", help="weights for Fig. 3 (default: Kaiming init)")
-    diag.add_argument("--iterations", type=_positive_int, default=200,
-                      help="training steps for Fig. 4 (default 200)")
+    diag.add_argument(
+        "--iterations",
+        type=_positive_int,
+        default=200,
+        help="training steps for Fig. 4 (default 200)",
+    )
     sub.add_parser("presets", help="list the paper presets")
     return parser
 
 
-_CONFIG_OPTIONS = ("dataset", "data", "model", "norm", "ws", "pretrained", "variants", "seeds",
-                   "epochs", "subset", "image_size", "batch_size", "lr", "momentum", "weight_decay",
-                   "optimizer", "impl", "gc_mode", "sweep", "device", "workers", "threads",
-                   "quiet")
+_CONFIG_OPTIONS = (
+    "dataset",
+    "data",
+    "model",
+    "norm",
+    "ws",
+    "pretrained",
+    "variants",
+    "seeds",
+    "epochs",
+    "subset",
+    "image_size",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "optimizer",
+    "impl",
+    "gc_mode",
+    "sweep",
+    "device",
+    "workers",
+    "threads",
+    "quiet",
+)
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
@@ -190,8 +241,9 @@ def cmd_train(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     else:
         variant = "gc" if "gc" in cfg.variants else cfg.variants[-1]
     seed = cfg.seeds[0]
-    result = train_run(cfg, variant, seed, out, resume=args.resume, log=_log(cfg.quiet),
-                       stop_after=args.stop_after)
+    result = train_run(
+        cfg, variant, seed, out, resume=args.resume, log=_log(cfg.quiet), stop_after=args.stop_after
+    )
     final = result["final"]
     print(f"{variant} seed={seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
     print(f"run folder: {out} (checkpoint.pt, result.json, config.json)")

@@ -102,8 +102,9 @@ def _cost(name: str, p: Tensor, spec: Spec) -> GCCost:
         if d not in spec.dims:
             floats *= size
     itemsize = torch.promote_types(p.dtype, torch.float32).itemsize
-    return GCCost(name, placements, "all-reduce", len(split), floats,
-                  len(split) * floats * itemsize)
+    return GCCost(
+        name, placements, "all-reduce", len(split), floats, len(split) * floats * itemsize
+    )
 
 
 def gc_cost(
@@ -177,8 +178,11 @@ def fully_shard_model(
     from torch.distributed.fsdp import fully_shard
 
     if leaves is None:
-        leaves = [m for m in model.modules()
-                  if m is not model and any(True for _ in m.parameters(recurse=False))]
+        leaves = [
+            m
+            for m in model.modules()
+            if m is not model and any(True for _ in m.parameters(recurse=False))
+        ]
     for m in leaves:
         fully_shard(m, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)

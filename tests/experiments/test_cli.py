@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, "-m", "gradcent", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gradcent", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_parse_seeds():
@@ -31,7 +37,9 @@ def test_parse_seeds():
 def test_parse_sweep():
     assert parse_sweep("lr=0.01,0.1") == {"lr=0.01": {"lr": 0.01}, "lr=0.1": {"lr": 0.1}}
     assert parse_sweep("weight-decay=0,1e-4") == {
-        "weight_decay=0": {"weight_decay": 0.0}, "weight_decay=1e-4": {"weight_decay": 1e-4}}
+        "weight_decay=0": {"weight_decay": 0.0},
+        "weight_decay=1e-4": {"weight_decay": 1e-4},
+    }
     for bad in ("seed=1,2", "lr=", "lr=fast"):
         with pytest.raises(argparse.ArgumentTypeError, match="--sweep"):
             parse_sweep(bad)
@@ -39,13 +47,39 @@ def test_parse_sweep():
 
 def test_options_resolve_into_the_config():
     args = build_parser().parse_args(
-        ["compare", "--variants", "baseline,gcc", "--seeds", "3", "--epochs", "2", "--lr", "0.1",
-         "--weight-decay", "1e-4", "--batch-size", "16", "--optimizer", "adam", "--subset", "50",
-         "--sweep", "gc-mode=all,conv"])
+        [
+            "compare",
+            "--variants",
+            "baseline,gcc",
+            "--seeds",
+            "3",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.1",
+            "--weight-decay",
+            "1e-4",
+            "--batch-size",
+            "16",
+            "--optimizer",
+            "adam",
+            "--subset",
+            "50",
+            "--sweep",
+            "gc-mode=all,conv",
+        ]
+    )
     cfg = resolve_config(args)
-    assert (cfg.variants, cfg.seeds, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.batch_size,
-            cfg.optimizer, cfg.subset) == (("baseline", "gcc"), (0, 1, 2), 2, 0.1, 1e-4, 16,
-                                           "adam", 50)
+    assert (
+        cfg.variants,
+        cfg.seeds,
+        cfg.epochs,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.batch_size,
+        cfg.optimizer,
+        cfg.subset,
+    ) == (("baseline", "gcc"), (0, 1, 2), 2, 0.1, 1e-4, 16, "adam", 50)
     assert cfg.dataset == "digits" and cfg.model == "smallcnn"  # defaults kept
     assert cfg.sweep == {"gc_mode=all": {"gc_mode": "all"}, "gc_mode=conv": {"gc_mode": "conv"}}
 
@@ -61,8 +95,10 @@ def test_options_resolve_into_the_config():
         (["train", "--device", "tpu"], "Invalid device: 'tpu'"),
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--impl", "turbo"], "--impl: invalid choice: 'turbo'"),
-        (["train", "--optimizer", "adagrad", "--impl", "blocked"],
-         "Invalid impl for optimizer 'adagrad': 'blocked'"),
+        (
+            ["train", "--optimizer", "adagrad", "--impl", "blocked"],
+            "Invalid impl for optimizer 'adagrad': 'blocked'",
+        ),
     ],
 )
 def test_bad_values_exit_2_naming_them(argv, message, capsys):
@@ -88,15 +124,18 @@ def test_train_end_to_end_is_reproducible(tmp_path, capsys):
 def test_compare_end_to_end(tmp_path, capsys, monkeypatch):
     # in-process (the train test above covers `python -m gradcent` in a subprocess)
     monkeypatch.chdir(tmp_path)
-    assert main(["compare", "--subset", "64", "--epochs", "1", "--seeds", "2",
-                 "--batch-size", "32"]) == 0
+    assert (
+        main(["compare", "--subset", "64", "--epochs", "1", "--seeds", "2", "--batch-size", "32"])
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "epoch 1/1" in stdout  # per-epoch log lines without --quiet
     header = next(line for line in stdout.splitlines() if line.startswith("variant"))
     assert "test acc %" in header and "p" in header.split()
     assert re.search(r"^baseline\s+2\s", stdout, re.M) and re.search(r"^gc\s+2\s", stdout, re.M)
-    plots = [Path(line.split(": ", 1)[1]) for line in stdout.splitlines()
-             if line.startswith("plot: ")]
+    plots = [
+        Path(line.split(": ", 1)[1]) for line in stdout.splitlines() if line.startswith("plot: ")
+    ]
     assert len(plots) == 1
     plot = plots[0] if plots[0].is_absolute() else tmp_path / plots[0]
     assert plot.stat().st_size > 1024 and plot.parent.parent.name == "runs"
@@ -117,8 +156,24 @@ def test_impl_option_resolves_into_the_config():
 @pytest.mark.parametrize("impl", ["blocked", "native"])
 def test_train_with_impl_end_to_end(tmp_path, capsys, impl):
     out = tmp_path / impl
-    assert main(["train", "--impl", impl, "--subset", "64", "--epochs", "1", "--batch-size",
-                 "32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--impl",
+                impl,
+                "--subset",
+                "64",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "GC n/a (in the step)" in stdout
     result = json.loads((out / "result.json").read_text())
@@ -129,19 +184,53 @@ def test_train_with_impl_end_to_end(tmp_path, capsys, impl):
 
 def test_compare_with_impl_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--impl", "blocked", "--subset", "64", "--epochs", "1", "--seeds",
-                 "1", "--batch-size", "32", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--impl",
+                "blocked",
+                "--subset",
+                "64",
+                "--epochs",
+                "1",
+                "--seeds",
+                "1",
+                "--batch-size",
+                "32",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
-    rows = [line.split() for line in stdout.splitlines()
-            if line.startswith(("baseline ", "gc "))]
+    rows = [line.split() for line in stdout.splitlines() if line.startswith(("baseline ", "gc "))]
     assert [r[0] for r in rows] == ["baseline", "gc"] and all(r[-1] == "n/a" for r in rows)
     table = [line for line in stdout.splitlines() if not line.startswith(("plot:", "results:"))]
     assert "GC % n/a (in the step)" in table[-1] and not any("nan" in line for line in table)
     assert json.loads((out / "results.json").read_text())["config"]["impl"] == "blocked"
     # gc-update attaches GC to a plain torch optimizer: no impl=
     with pytest.raises(SystemExit) as e:
-        main(["compare", "--impl", "blocked", "--variants", "gc-update", "--subset", "64",
-              "--epochs", "1", "--seeds", "1", "--quiet", "--out", str(tmp_path / "upd")])
+        main(
+            [
+                "compare",
+                "--impl",
+                "blocked",
+                "--variants",
+                "gc-update",
+                "--subset",
+                "64",
+                "--epochs",
+                "1",
+                "--seeds",
+                "1",
+                "--quiet",
+                "--out",
+                str(tmp_path / "upd"),
+            ]
+        )
     assert e.value.code == 2
     assert "Invalid variant for impl 'blocked': 'gc-update'" in capsys.readouterr().err
 
@@ -150,12 +239,18 @@ def test_presets_command_and_preset_resolution(capsys):
     assert main(["presets"]) == 0
     listed = capsys.readouterr().out
     assert re.search(r"^table1\s", listed, re.M) and re.search(r"^fig5\s", listed, re.M)
-    args = build_parser().parse_args(["compare", "--preset", "table1", "--epochs", "2",
-                                      "--subset", "8"])
+    args = build_parser().parse_args(
+        ["compare", "--preset", "table1", "--epochs", "2", "--subset", "8"]
+    )
     cfg = resolve_config(args)
     # the paper's CIFAR-100 protocol, shrunk only where asked
     assert (cfg.preset, cfg.dataset, cfg.gc_mode, cfg.batch_size, cfg.milestones) == (
-        "table1", "cifar100", "conv", 128, (60, 120, 180))
+        "table1",
+        "cifar100",
+        "conv",
+        128,
+        (60, 120, 180),
+    )
     assert (cfg.epochs, cfg.subset, cfg.paper_table) == (2, 8, "table1")
     assert "resnet18" in cfg.sweep
     cfg7 = resolve_config(build_parser().parse_args(["train", "--preset", "table7-cub"]))
@@ -166,10 +261,19 @@ def test_report_prints_the_paper_numbers_beside_ours():
     from gradcent.experiments.paper import paper_numbers
     from gradcent.experiments.report import format_table, summary_rows
 
-    results = [{"variant": v, "seed": s, "point": "resnet18", "epochs": 1,
-                "final": {"test_acc": acc + s, "train_loss": 0.1}, "epoch_time": 1.0,
-                "gc_time": 0.01}
-               for v, acc in (("baseline", 70.0), ("gc", 72.0)) for s in (0, 1)]
+    results = [
+        {
+            "variant": v,
+            "seed": s,
+            "point": "resnet18",
+            "epochs": 1,
+            "final": {"test_acc": acc + s, "train_loss": 0.1},
+            "epoch_time": 1.0,
+            "gc_time": 0.01,
+        }
+        for v, acc in (("baseline", 70.0), ("gc", 72.0))
+        for s in (0, 1)
+    ]
     text = format_table(summary_rows(results, ["baseline", "gc"]), paper_numbers, "table1")
     assert "paper (table1)" in text
     assert "76.87 ± 0.26" in text.splitlines()[2] and "78.82 ± 0.31" in text.splitlines()[3]

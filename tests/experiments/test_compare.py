@@ -13,8 +13,9 @@ from gradcent.experiments.train import RESULT
 
 
 def _cfg(**kw):
-    base = dict(epochs=2, batch_size=32, lr=0.02, subset=64, seeds=(0, 1),
-                variants=("baseline", "gc"))
+    base = dict(
+        epochs=2, batch_size=32, lr=0.02, subset=64, seeds=(0, 1), variants=("baseline", "gc")
+    )
     base.update(kw)
     return resolve(None, **base)
 
@@ -28,14 +29,18 @@ def test_compare_writes_everything_and_resumes(tmp_path):
             assert (run_dir(tmp_path, "", v, s) / RESULT).exists()
     # the table's numbers are the runs' numbers
     rows = {r["variant"]: r for r in out.rows}
-    acc = {v: [r["final"]["test_acc"] for r in out.results if r["variant"] == v]
-           for v in ("baseline", "gc")}
+    acc = {
+        v: [r["final"]["test_acc"] for r in out.results if r["variant"] == v]
+        for v in ("baseline", "gc")
+    }
     assert rows["gc"]["test_acc"]["mean"] == pytest.approx(np.mean(acc["gc"]))
     assert rows["gc"]["test_acc"]["diff"] == pytest.approx(
-        np.mean(acc["gc"]) - np.mean(acc["baseline"]))
+        np.mean(acc["gc"]) - np.mean(acc["baseline"])
+    )
     if np.std(acc["gc"]) + np.std(acc["baseline"]) > 0:
         assert rows["gc"]["test_acc"]["p"] == pytest.approx(
-            sps.ttest_ind(acc["gc"], acc["baseline"], equal_var=False).pvalue)
+            sps.ttest_ind(acc["gc"], acc["baseline"], equal_var=False).pvalue
+        )
     ref = rows["baseline"]["test_acc"]
     assert ref["diff"] == 0 and math.isnan(ref["p"])
     assert "baseline" in out.table and "gc" in out.table and "test acc %" in out.table
@@ -68,20 +73,35 @@ def test_sweep_points_and_table(tmp_path):
     out = run_compare(cfg, tmp_path, log=lines.append, progress=True)  # bar + log lines
     assert len(lines) == 4 and all("epoch 1/1" in line for line in lines)
     assert [(r["point"], r["variant"]) for r in out.rows] == [
-        ("lr=0.01", "baseline"), ("lr=0.01", "gc"), ("lr=0.1", "baseline"), ("lr=0.1", "gc")]
+        ("lr=0.01", "baseline"),
+        ("lr=0.01", "gc"),
+        ("lr=0.1", "baseline"),
+        ("lr=0.1", "gc"),
+    ]
     assert sorted(p.name for p in out.plots) == ["curves-lr=0.01.png", "curves-lr=0.1.png"]
     assert (tmp_path / "lr=0.1" / "gc" / "seed0" / RESULT).exists()
     assert "lr=0.01" in out.table
 
 
 def _fake(variant, seed, acc, loss, point=""):
-    return {"variant": variant, "seed": seed, "point": point, "epochs": 1,
-            "final": {"test_acc": acc, "train_loss": loss}, "epoch_time": 2.0, "gc_time": 0.1}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "point": point,
+        "epochs": 1,
+        "final": {"test_acc": acc, "train_loss": loss},
+        "epoch_time": 2.0,
+        "gc_time": 0.1,
+    }
 
 
 def test_summary_rows_and_paper_column():
-    results = [_fake("baseline", 0, 90.0, 0.3), _fake("baseline", 1, 92.0, 0.2),
-               _fake("gc", 0, 93.0, 0.1), _fake("gc", 1, 95.0, 0.15)]
+    results = [
+        _fake("baseline", 0, 90.0, 0.3),
+        _fake("baseline", 1, 92.0, 0.2),
+        _fake("gc", 0, 93.0, 0.1),
+        _fake("gc", 1, 95.0, 0.15),
+    ]
     rows = summary_rows(results, ["baseline", "gc"])
     gc = rows[1]
     assert gc["test_acc"]["mean"] == 94.0 and gc["test_acc"]["diff"] == 3.0
@@ -91,8 +111,11 @@ def test_summary_rows_and_paper_column():
 
     def paper(table, key):
         assert table == "table1"
-        return {"baseline": "76.87 ± 0.26", "gc": "78.82 ± 0.31"} if key == "gc" or \
-            key == "baseline" else None
+        return (
+            {"baseline": "76.87 ± 0.26", "gc": "78.82 ± 0.31"}
+            if key == "gc" or key == "baseline"
+            else None
+        )
 
     text = format_table(rows, paper, "table1")
     lines = text.splitlines()
@@ -103,8 +126,11 @@ def test_summary_rows_and_paper_column():
 
 def test_report_json_and_csv_when_gc_runs_inside_the_step(tmp_path):
     # impl other than "default": gc_time and gc_share are NaN, not 0
-    results = [{**_fake(v, s, 90.0 + s, 0.2), "gc_time": math.nan, "gc_share": math.nan}
-               for v in ("baseline", "gc") for s in (0, 1)]
+    results = [
+        {**_fake(v, s, 90.0 + s, 0.2), "gc_time": math.nan, "gc_share": math.nan}
+        for v in ("baseline", "gc")
+        for s in (0, 1)
+    ]
     rows = summary_rows(results, ["baseline", "gc"])
     assert math.isnan(rows[1]["gc_share"]) and rows[1]["s_per_epoch"] == 2.0
     assert rows[1]["test_acc"]["mean"] == 90.5

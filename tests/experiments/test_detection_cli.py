@@ -28,10 +28,32 @@ def test_image_size_option_reaches_the_detector():
 def test_faster_rcnn_trains_on_tiny_coco(tmp_path):
     root = write_fake_coco(tmp_path / "coco")
     out = tmp_path / "run"
-    code = main(["train", "--dataset", "coco", "--data", str(root),
-                 "--model", "fasterrcnn_resnet50_fpn", "--image-size", "64",
-                 "--variants", "gc", "--seeds", "1", "--epochs", "1", "--batch-size", "2",
-                 "--lr", "0.001", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "coco",
+            "--data",
+            str(root),
+            "--model",
+            "fasterrcnn_resnet50_fpn",
+            "--image-size",
+            "64",
+            "--variants",
+            "gc",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--lr",
+            "0.001",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code in (0, None)
     config = json.loads((out / "config.json").read_text())
     assert config["image_size"] == 64 and config["model"] == "fasterrcnn_resnet50_fpn"

@@ -25,8 +25,12 @@ def data():
 
 
 def test_unit_means_hand_values():
-    net = nn.Sequential(nn.Conv2d(1, 2, (1, 2), bias=False), nn.ReLU(),
-                        nn.Conv2d(2, 1, 1, bias=False), nn.ConvTranspose2d(1, 1, 2))
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, (1, 2), bias=False),
+        nn.ReLU(),
+        nn.Conv2d(2, 1, 1, bias=False),
+        nn.ConvTranspose2d(1, 1, 2),
+    )
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor([[[[1.0, 3.0]]], [[[-4.0, 0.0]]]]))
         net[2].weight.copy_(torch.tensor([[[[0.5]], [[-1.5]]]]))

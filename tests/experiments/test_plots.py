@@ -39,8 +39,10 @@ def test_unit_means_png(tmp_path):
 
 def test_grad_stats_png(tmp_path):
     series = {
-        v: {"first conv": {"l2": [1.0, 2.0, 0.5], "max": [0.1, 0.2, 0.05]},
-            "FC": {"l2": [3.0, 1.0, 2.0], "max": [0.3, 0.1, 0.2]}}
+        v: {
+            "first conv": {"l2": [1.0, 2.0, 0.5], "max": [0.1, 0.2, 0.05]},
+            "FC": {"l2": [3.0, 1.0, 2.0], "max": [0.3, 0.1, 0.2]},
+        }
         for v in ("baseline", "gc")
     }
     assert _is_png(plot_grad_stats(series, tmp_path / "fig4.png"))

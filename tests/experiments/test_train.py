@@ -119,8 +119,16 @@ def test_sgd_gc_on_gradient_equals_gc_on_update(tmp_path, data):
 
 
 def test_variants_table_and_optimizer_factory():
-    assert set(VARIANTS) == {"baseline", "gc", "gcc", "gc-update", "bn", "bn+gc", "bn+ws",
-                             "bn+ws+gc"}
+    assert set(VARIANTS) == {
+        "baseline",
+        "gc",
+        "gcc",
+        "gc-update",
+        "bn",
+        "bn+gc",
+        "bn+ws",
+        "bn+ws+gc",
+    }
     cfg = _cfg(gc_mode="conv")
     assert get_variant("gc").gc_mode(cfg) == "conv"
     assert get_variant("gcc").gc_mode(_cfg()) == "conv"
@@ -140,12 +148,15 @@ def test_variants_table_and_optimizer_factory():
 
 
 def test_eval_and_loader_order(data):
-    order = [int(y) for _, ys in make_loader(data.train, 32, shuffle=True, seed=5, epoch=1)
-             for y in ys]
-    again = [int(y) for _, ys in make_loader(data.train, 32, shuffle=True, seed=5, epoch=1)
-             for y in ys]
-    other = [int(y) for _, ys in make_loader(data.train, 32, shuffle=True, seed=5, epoch=2)
-             for y in ys]
+    order = [
+        int(y) for _, ys in make_loader(data.train, 32, shuffle=True, seed=5, epoch=1) for y in ys
+    ]
+    again = [
+        int(y) for _, ys in make_loader(data.train, 32, shuffle=True, seed=5, epoch=1) for y in ys
+    ]
+    other = [
+        int(y) for _, ys in make_loader(data.train, 32, shuffle=True, seed=5, epoch=2) for y in ys
+    ]
     assert order == again and order != other
     # a model that always predicts class 0: accuracy = share of zeros, loss = log(10)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -176,19 +187,22 @@ def test_detection_step_and_eval_sum_the_loss_dict():
     torch.manual_seed(0)
     model = _TinyDetector()
     images = [torch.randn(3, 5, 5) for _ in range(4)]
-    targets = [{"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]]) * (i + 1), "image_id": i}
-               for i in range(4)]
+    targets = [
+        {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]]) * (i + 1), "image_id": i} for i in range(4)
+    ]
     with torch.no_grad():
         expected = sum(model(images, targets).values()).item()
     ds = list(zip(images, targets, strict=True))
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=4, collate_fn=lambda b: tuple(zip(*b, strict=True)))
+        ds, batch_size=4, collate_fn=lambda b: tuple(zip(*b, strict=True))
+    )
     out = evaluate(model, loader, torch.device("cpu"), task="detection")
     assert out["test_loss"] == pytest.approx(expected, rel=1e-6)
     assert math.isnan(out["test_acc"]) and math.isnan(out["test_ap"])  # no COCO api here
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_sum, correct, n = train_step(model, next(iter(loader)), opt, torch.device("cpu"),
-                                      task="detection")
+    loss_sum, correct, n = train_step(
+        model, next(iter(loader)), opt, torch.device("cpu"), task="detection"
+    )
     assert (correct, n) == (0, 4) and loss_sum == pytest.approx(4 * expected, rel=1e-6)
 
 
@@ -203,23 +217,42 @@ class _Oracle(nn.Module):
     def forward(self, images, targets=None):
         if self.training:
             return {"loss": self.w * 0 + 1.0}
-        return [{"boxes": self.boxes[i], "labels": torch.ones(len(self.boxes[i]), dtype=torch.long),
-                 "scores": torch.ones(len(self.boxes[i]))} for i in range(len(images))]
+        return [
+            {
+                "boxes": self.boxes[i],
+                "labels": torch.ones(len(self.boxes[i]), dtype=torch.long),
+                "scores": torch.ones(len(self.boxes[i])),
+            }
+            for i in range(len(images))
+        ]
 
 
 def test_coco_bbox_ap_with_pycocotools(tmp_path):
     from pycocotools.coco import COCO
 
-    boxes = [torch.tensor([[2.0, 3.0, 12.0, 15.0]]), torch.tensor([[1.0, 1.0, 6.0, 9.0],
-                                                                   [8.0, 8.0, 18.0, 19.0]])]
+    boxes = [
+        torch.tensor([[2.0, 3.0, 12.0, 15.0]]),
+        torch.tensor([[1.0, 1.0, 6.0, 9.0], [8.0, 8.0, 18.0, 19.0]]),
+    ]
     anns, k = [], 1
     for i, bs in enumerate(boxes):
         for x1, y1, x2, y2 in bs.tolist():
-            anns.append({"id": k, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+            anns.append(
+                {
+                    "id": k,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                }
+            )
             k += 1
-    doc = {"images": [{"id": i + 1, "width": 20, "height": 20} for i in range(2)],
-           "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    doc = {
+        "images": [{"id": i + 1, "width": 20, "height": 20} for i in range(2)],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(doc))
 
     class Coco(torch.utils.data.Dataset):
@@ -229,12 +262,17 @@ def test_coco_bbox_ap_with_pycocotools(tmp_path):
             return 2
 
         def __getitem__(self, i):
-            return torch.zeros(3, 20, 20), {"boxes": boxes[i], "image_id": i + 1,
-                                            "labels": torch.ones(len(boxes[i]), dtype=torch.long)}
+            return torch.zeros(3, 20, 20), {
+                "boxes": boxes[i],
+                "image_id": i + 1,
+                "labels": torch.ones(len(boxes[i]), dtype=torch.long),
+            }
 
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(Coco(), [0, 1]), batch_size=2,
-        collate_fn=lambda b: tuple(zip(*b, strict=True)))
+        torch.utils.data.Subset(Coco(), [0, 1]),
+        batch_size=2,
+        collate_fn=lambda b: tuple(zip(*b, strict=True)),
+    )
     out = evaluate(_Oracle(boxes), loader, torch.device("cpu"), task="detection")
     assert out["test_ap"] == pytest.approx(100.0)
     assert out["test_loss"] == pytest.approx(1.0)
@@ -268,8 +306,9 @@ def test_build_optimizer_passes_impl():
     assert type(opt).__name__ == "SGD" and opt.impl == "native"
     assert opt.param_groups[0]["gc"] == "all"
     # the baseline too: the fast paths run without GC as well
-    opt, _ = build_optimizer(_cfg(impl="blocked", optimizer="adamw", lr=1e-3),
-                             get_variant("baseline"), model)
+    opt, _ = build_optimizer(
+        _cfg(impl="blocked", optimizer="adamw", lr=1e-3), get_variant("baseline"), model
+    )
     assert type(opt).__name__ == "AdamW" and opt.impl == "blocked"
     assert opt.param_groups[0]["gc"] is None
     opt, _ = build_optimizer(_cfg(optimizer="adagrad"), get_variant("gc"), model)
@@ -282,8 +321,7 @@ def test_build_optimizer_passes_impl():
 def test_fast_impl_trains_and_reports_no_gc_time(tmp_path, data, impl):
     lines = []
     cfg = _cfg(epochs=1)
-    fast = train_run(cfg.replace(impl=impl), "gc", 0, tmp_path / impl, data=data,
-                     log=lines.append)
+    fast = train_run(cfg.replace(impl=impl), "gc", 0, tmp_path / impl, data=data, log=lines.append)
     ref = train_run(cfg, "gc", 0, tmp_path / "default", data=data, log=None)
     assert 0 <= fast["final"]["test_acc"] <= 100 and math.isfinite(fast["final"]["test_loss"])
     # the same training as impl="default", to float32 rounding
@@ -310,7 +348,8 @@ def test_checkpoint_from_before_impl_still_resumes(tmp_path, data):
     resumed = train_run(cfg, "gc", 0, tmp_path, data=data, resume=True, log=None)
     assert resumed["finished"] and resumed["epochs"] == 2
     # while a checkpoint of another impl is refused
-    train_run(cfg.replace(impl="blocked"), "gc", 0, tmp_path / "x", data=data, stop_after=1,
-              log=None)
+    train_run(
+        cfg.replace(impl="blocked"), "gc", 0, tmp_path / "x", data=data, stop_after=1, log=None
+    )
     with pytest.raises(ValueError, match="different run"):
         train_run(cfg, "gc", 0, tmp_path / "x", data=data, resume=True, log=None)

@@ -102,10 +102,13 @@ def run_compare(
     out.mkdir(parents=True, exist_ok=True)
     if current().is_main:  # under torchrun rank 0 alone writes files
         cfg.save(out / "config.json")
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
-                         fine_grained=cfg.fine_grained)
-    jobs = [(point, pcfg, v, s) for point, pcfg in sweep_points(cfg)
-            for v in cfg.variants for s in cfg.seeds]
+    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained)
+    jobs = [
+        (point, pcfg, v, s)
+        for point, pcfg in sweep_points(cfg)
+        for v in cfg.variants
+        for s in cfg.seeds
+    ]
     if progress is None:
         progress = not cfg.quiet and sys.stderr.isatty()
     if progress and log is not None:
@@ -120,8 +123,9 @@ def run_compare(
         rdir = run_dir(out, point, variant, seed)
         result = load_result(rdir)
         if result is not None:
-            if result["config"] and numeric_config(RunConfig.from_dict(result["config"])) != \
-                    numeric_config(pcfg):
+            if result["config"] and numeric_config(
+                RunConfig.from_dict(result["config"])
+            ) != numeric_config(pcfg):
                 raise ValueError(f"{rdir} holds a run with a different config; use another --out")
             if log:
                 log(f"[{variant} seed={seed}] already done ({rdir}), skipped")
@@ -135,8 +139,10 @@ def run_compare(
     table = format_table(rows, paper_numbers, cfg.paper_table)
     plots = []
     for point, _ in sweep_points(cfg):
-        runs = {v: [r["history"] for r in results if r["point"] == point and r["variant"] == v]
-                for v in cfg.variants}
+        runs = {
+            v: [r["history"] for r in results if r["point"] == point and r["variant"] == v]
+            for v in cfg.variants
+        }
         name = f"curves-{_safe(point)}.png" if point else "curves.png"
         title = f"{cfg.dataset} / {cfg.model} / {cfg.optimizer}" + (f" / {point}" if point else "")
         plots.append(plot_curves(runs, out / name, title=title))

@@ -165,8 +165,10 @@ def validate(cfg: RunConfig) -> None:
     check_impl(cfg.impl)  # "Invalid impl: 'x' (expected one of ...)"
     swept = {point["optimizer"] for point in cfg.sweep.values() if "optimizer" in point}
     if cfg.impl != "default" and "adagrad" in {cfg.optimizer, *swept}:
-        raise ValueError(f"Invalid impl for optimizer 'adagrad': {cfg.impl!r} (gradcent.Adagrad "
-                         "has no impl=; use impl 'default' or another optimizer)")
+        raise ValueError(
+            f"Invalid impl for optimizer 'adagrad': {cfg.impl!r} (gradcent.Adagrad "
+            "has no impl=; use impl 'default' or another optimizer)"
+        )
     if cfg.device not in DEVICES:
         raise ValueError(f"Invalid device: {cfg.device!r} (expected one of {DEVICES})")
     if not cfg.lr > 0:
@@ -206,15 +208,42 @@ def validate(cfg: RunConfig) -> None:
 
 # Options a sweep point may change: the ones that define one training run.
 SWEEPABLE = frozenset(
-    {"lr", "momentum", "weight_decay", "optimizer", "epochs", "batch_size", "milestones",
-     "gamma", "gc_mode", "norm", "ws", "model"}
+    {
+        "lr",
+        "momentum",
+        "weight_decay",
+        "optimizer",
+        "epochs",
+        "batch_size",
+        "milestones",
+        "gamma",
+        "gc_mode",
+        "norm",
+        "ws",
+        "model",
+    }
 )
 
 # Preset fields copied into a RunConfig (Preset.name becomes RunConfig.preset).
 _PRESET_FIELDS = (
-    "dataset", "model", "optimizer", "lr", "momentum", "weight_decay", "epochs",
-    "batch_size", "milestones", "gamma", "gc_mode", "variants", "norm", "ws", "sweep",
-    "paper_table", "lr_pretrained", "fine_grained",
+    "dataset",
+    "model",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "epochs",
+    "batch_size",
+    "milestones",
+    "gamma",
+    "gc_mode",
+    "variants",
+    "norm",
+    "ws",
+    "sweep",
+    "paper_table",
+    "lr_pretrained",
+    "fine_grained",
 )
 
 

@@ -32,8 +32,11 @@ from gradcent.experiments.variants import build_optimizer, get_variant, model_op
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv layers (not transposed) in definition order, i.e. shallow to deep."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed
+    ]
 
 
 def unit_means(model: nn.Module) -> list[tuple[str, np.ndarray]]:
@@ -72,8 +75,13 @@ def _model(cfg: RunConfig, data: Any, seed: int, variant: str = "baseline") -> n
     from gradcent.experiments.models import build_model
 
     seed_everything(seed)
-    return build_model(cfg.model, data.num_classes, in_channels=data.in_channels,
-                       pretrained=cfg.pretrained, **model_options(cfg, get_variant(variant)))
+    return build_model(
+        cfg.model,
+        data.num_classes,
+        in_channels=data.in_channels,
+        pretrained=cfg.pretrained,
+        **model_options(cfg, get_variant(variant)),
+    )
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -85,8 +93,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def figure3(cfg: RunConfig, out: str | Path, data: Any, checkpoint: str | Path | None = None,
-            seed: int = 0) -> tuple[Path, Path]:
+def figure3(
+    cfg: RunConfig, out: str | Path, data: Any, checkpoint: str | Path | None = None, seed: int = 0
+) -> tuple[Path, Path]:
     """Write Fig. 3 (PNG) and its numbers (CSV: layer, depth, unit, abs_mean).
 
     Args:
@@ -118,8 +127,11 @@ def figure3(cfg: RunConfig, out: str | Path, data: Any, checkpoint: str | Path |
         w.writerow(["layer", "depth", "unit", "abs_mean"])
         for depth, (name, values) in enumerate(layers):
             w.writerows([name, depth, i, f"{v:.6e}"] for i, v in enumerate(values))
-    png = plot_unit_means(layers, out / "fig3_unit_means.png",
-                          title=f"{cfg.model}: |mean of weight vector| per conv unit ({source})")
+    png = plot_unit_means(
+        layers,
+        out / "fig3_unit_means.png",
+        title=f"{cfg.model}: |mean of weight vector| per conv unit ({source})",
+    )
     return png, csv_path
 
 
@@ -127,8 +139,9 @@ def _stats(g: torch.Tensor) -> tuple[float, float]:
     return float(g.norm()), float(g.abs().max())
 
 
-def grad_stats(cfg: RunConfig, data: Any, variant: str, iterations: int, seed: int = 0
-               ) -> dict[str, dict[str, list[float]]]:
+def grad_stats(
+    cfg: RunConfig, data: Any, variant: str, iterations: int, seed: int = 0
+) -> dict[str, dict[str, list[float]]]:
     """Train ``iterations`` steps and record the first conv's and the FC's gradient stats.
 
     The statistics are taken on the gradient the optimizer centralizes: the raw
@@ -160,8 +173,10 @@ def grad_stats(cfg: RunConfig, data: Any, variant: str, iterations: int, seed: i
     fcs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not convs or not fcs:
         raise ValueError(f"Model {cfg.model!r} needs a conv and a Linear layer for Fig. 4")
-    layers = {f"first conv ({convs[0][0]})": convs[0][1].weight,
-              f"FC ({fcs[-1][0]})": fcs[-1][1].weight}
+    layers = {
+        f"first conv ({convs[0][0]})": convs[0][1].weight,
+        f"FC ({fcs[-1][0]})": fcs[-1][1].weight,
+    }
     gc_plan = centralizer.plan.with_mode(v.gc_mode(cfg))
     series: dict[str, dict[str, list[float]]] = {k: {"l2": [], "max": []} for k in layers}
 
@@ -179,8 +194,14 @@ def grad_stats(cfg: RunConfig, data: Any, variant: str, iterations: int, seed: i
     step, epoch = 0, 0
     model.train()
     while step < iterations:
-        loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch,
-                             collate_fn=getattr(data, "collate_fn", None))
+        loader = make_loader(
+            data.train,
+            cfg.batch_size,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
+            collate_fn=getattr(data, "collate_fn", None),
+        )
         for batch in loader:
             train_step(model, batch, optimizer, device, getattr(data, "task", "classification"))
             step += 1
@@ -190,9 +211,14 @@ def grad_stats(cfg: RunConfig, data: Any, variant: str, iterations: int, seed: i
     return series
 
 
-def figure4(cfg: RunConfig, out: str | Path, data: Any, iterations: int = 200,
-            variants: tuple[str, str] = ("baseline", "gc"), seed: int = 0
-            ) -> tuple[Path, Path]:
+def figure4(
+    cfg: RunConfig,
+    out: str | Path,
+    data: Any,
+    iterations: int = 200,
+    variants: tuple[str, str] = ("baseline", "gc"),
+    seed: int = 0,
+) -> tuple[Path, Path]:
     """Write Fig. 4 (PNG) and its numbers (CSV: variant, layer, iteration, l2, max).
 
     Returns:
@@ -211,15 +237,25 @@ def figure4(cfg: RunConfig, out: str | Path, data: Any, iterations: int = 200,
         w.writerow(["variant", "layer", "iteration", "l2", "max_abs"])
         for v, per in series.items():
             for layer, s in per.items():
-                w.writerows([v, layer, i + 1, f"{a:.6e}", f"{b:.6e}"]
-                            for i, (a, b) in enumerate(zip(s["l2"], s["max"], strict=True)))
-    png = plot_grad_stats(series, out / "fig4_grad_stats.png",
-                          title=f"{cfg.model} on {cfg.dataset}: gradient L2 norm and max |g|")
+                w.writerows(
+                    [v, layer, i + 1, f"{a:.6e}", f"{b:.6e}"]
+                    for i, (a, b) in enumerate(zip(s["l2"], s["max"], strict=True))
+                )
+    png = plot_grad_stats(
+        series,
+        out / "fig4_grad_stats.png",
+        title=f"{cfg.model} on {cfg.dataset}: gradient L2 norm and max |g|",
+    )
     return png, csv_path
 
 
-def run_diagnose(cfg: RunConfig, out: str | Path, checkpoint: str | Path | None = None,
-                 iterations: int = 200, seed: int = 0) -> list[Path]:
+def run_diagnose(
+    cfg: RunConfig,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    iterations: int = 200,
+    seed: int = 0,
+) -> list[Path]:
     """Fig. 3 and Fig. 4 for ``cfg``'s model and data; returns the four files.
 
     References:
@@ -227,8 +263,8 @@ def run_diagnose(cfg: RunConfig, out: str | Path, checkpoint: str | Path | None 
 
     """
     from gradcent.experiments.datasets import build_dataset
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
-                             fine_grained=cfg.fine_grained)
+
+    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained)
     with reproducible(cfg.deterministic, cfg.threads):
         files = list(figure3(cfg, out, data, checkpoint, seed))
         files += figure4(cfg, out, data, iterations, seed=seed)

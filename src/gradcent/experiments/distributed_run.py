@@ -78,8 +78,10 @@ class DistRun:
 
         """
         if batch_size % self.world:
-            raise ValueError(f"Invalid --batch-size {batch_size}: not divisible by the "
-                             f"{self.world} ranks (it is the global batch)")
+            raise ValueError(
+                f"Invalid --batch-size {batch_size}: not divisible by the "
+                f"{self.world} ranks (it is the global batch)"
+            )
         return batch_size // self.world
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
@@ -87,8 +89,11 @@ class DistRun:
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [device.index if device.index is not None else self.local_rank] \
-                if device.type == "cuda" else None
+            ids = (
+                [device.index if device.index is not None else self.local_rank]
+                if device.type == "cuda"
+                else None
+            )
             return DistributedDataParallel(model, device_ids=ids)
         if self.kind == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
@@ -109,8 +114,14 @@ class DistRun:
             return None
         from torch.utils.data.distributed import DistributedSampler
 
-        return DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
-                                  shuffle=shuffle, seed=seed, drop_last=False)
+        return DistributedSampler(
+            dataset,
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
+        )
 
     def mean(self, values: Sequence[float]) -> list[float]:
         """The mean of each value over the ranks (one all-reduce)."""
@@ -213,8 +224,7 @@ def by_index(state: dict, names: list[str]) -> dict:
 def by_name(state: dict, names: list[str]) -> dict:
     """Torch's index-keyed optimizer state dict, keyed by parameter name."""
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
-    return {"state": {names[i]: dict(s) for i, s in state["state"].items()},
-            "param_groups": groups}
+    return {"state": {names[i]: dict(s) for i, s in state["state"].items()}, "param_groups": groups}
 
 
 _CURRENT = DistRun()
@@ -251,8 +261,9 @@ def setup(kind: str, device: str = "auto") -> DistRun:
         _CURRENT = DistRun()
         return _CURRENT
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ValueError(f"--distributed {kind} needs torchrun: torchrun --nproc_per_node=N "
-                         "-m gradcent ...")
+        raise ValueError(
+            f"--distributed {kind} needs torchrun: torchrun --nproc_per_node=N -m gradcent ..."
+        )
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

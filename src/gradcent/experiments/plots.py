@@ -31,8 +31,9 @@ LABELS = {
 }
 
 
-def _band(runs: Sequence[History], metric: str
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _band(
+    runs: Sequence[History], metric: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Epochs, mean, sample std over runs (0 for a single run) and the per-epoch minimum."""
     length = min(len(h) for h in runs)
     values = np.array([[float(h[i].get(metric, math.nan)) for i in range(length)] for h in runs])
@@ -45,7 +46,9 @@ def _band(runs: Sequence[History], metric: str
 def _has(runs: Mapping[str, Sequence[History]], metric: str) -> bool:
     return any(
         math.isfinite(float(row.get(metric, math.nan)))
-        for hs in runs.values() for h in hs for row in h
+        for hs in runs.values()
+        for h in hs
+        for row in h
     )
 
 
@@ -97,8 +100,9 @@ def plot_curves(
     return _save(fig, path)
 
 
-def plot_unit_means(layers: Sequence[tuple[str, Sequence[float]]], path: str | Path,
-                    title: str | None = None) -> Path:
+def plot_unit_means(
+    layers: Sequence[tuple[str, Sequence[float]]], path: str | Path, title: str | None = None
+) -> Path:
     """Fig. 3: |mean| of every output unit's weight vector, layers left to right.
 
     Args:

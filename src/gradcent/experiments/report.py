@@ -35,6 +35,7 @@ PaperLookup = Callable[[str, str], "dict[str, str] | None"]
 
 def primary_metric(results: Sequence[dict[str, Any]]) -> str:
     """``test_acc`` for classification; ``test_ap`` (else ``test_loss``) for detection."""
+
     def has(metric: str) -> bool:
         return any(math.isfinite(float(r["final"].get(metric, math.nan))) for r in results)
 
@@ -81,19 +82,27 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
             if not runs:
                 continue
             is_ref = variant == ref_name
-            row: dict[str, Any] = {"point": point, "variant": variant, "n": len(runs),
-                                   "seeds": [r["seed"] for r in runs], "metric": metric,
-                                   "reference": ref_name}
+            row: dict[str, Any] = {
+                "point": point,
+                "variant": variant,
+                "n": len(runs),
+                "seeds": [r["seed"] for r in runs],
+                "metric": metric,
+                "reference": ref_name,
+            }
             for key in (metric, "train_loss"):
-                c = compare([r["final"].get(key, math.nan) for r in runs],
-                            [r["final"].get(key, math.nan) for r in ref], is_ref)
-                row[key] = {"mean": c.summary.mean, "std": c.summary.std, "diff": c.diff,
-                            "p": c.p}
+                c = compare(
+                    [r["final"].get(key, math.nan) for r in runs],
+                    [r["final"].get(key, math.nan) for r in ref],
+                    is_ref,
+                )
+                row[key] = {"mean": c.summary.mean, "std": c.summary.std, "diff": c.diff, "p": c.p}
             epoch_times = [r["epoch_time"] for r in runs]
             gc_times = [r["gc_time"] for r in runs]
             row["s_per_epoch"] = sum(epoch_times) / len(runs)
-            row["gc_share"] = 100.0 * sum(gc_times) / sum(epoch_times) if sum(epoch_times) else \
-                math.nan
+            row["gc_share"] = (
+                100.0 * sum(gc_times) / sum(epoch_times) if sum(epoch_times) else math.nan
+            )
             rows.append(row)
     return rows
 
@@ -106,8 +115,9 @@ def _diff(d: dict[str, float], digits: int) -> str:
     return "-" if math.isnan(d["diff"]) else f"{d['diff']:+.{digits}f}"
 
 
-def format_table(rows: Sequence[dict[str, Any]], paper: PaperLookup | None = None,
-                 paper_table: str | None = None) -> str:
+def format_table(
+    rows: Sequence[dict[str, Any]], paper: PaperLookup | None = None, paper_table: str | None = None
+) -> str:
     """The report as an aligned text table.
 
     Args:
@@ -127,16 +137,38 @@ def format_table(rows: Sequence[dict[str, Any]], paper: PaperLookup | None = Non
         return "(no finished runs)"
     metric = rows[0]["metric"]
     name = {"test_acc": "test acc %", "test_ap": "test AP", "test_loss": "test loss"}[metric]
-    header = ["point", "variant", "n", name, "diff", "p", "train loss", "diff", "p",
-              "s/epoch", "GC %"]
+    header = [
+        "point",
+        "variant",
+        "n",
+        name,
+        "diff",
+        "p",
+        "train loss",
+        "diff",
+        "p",
+        "s/epoch",
+        "GC %",
+    ]
     lines = []
     paper_col = []
     for row in rows:
         m, t = row[metric], row["train_loss"]
-        lines.append([row["point"] or "-", row["variant"], str(row["n"]), _fmt(m, row["n"], 2),
-                      _diff(m, 2), format_p(m["p"]), _fmt(t, row["n"], 4), _diff(t, 4),
-                      format_p(t["p"]), f"{row['s_per_epoch']:.2f}",
-                      "n/a" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}"])
+        lines.append(
+            [
+                row["point"] or "-",
+                row["variant"],
+                str(row["n"]),
+                _fmt(m, row["n"], 2),
+                _diff(m, 2),
+                format_p(m["p"]),
+                _fmt(t, row["n"], 4),
+                _diff(t, 4),
+                format_p(t["p"]),
+                f"{row['s_per_epoch']:.2f}",
+                "n/a" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}",
+            ]
+        )
         paper_col.append(_paper_value(paper, paper_table, row))
     if any(paper_col):
         header.append(f"paper ({paper_table})")
@@ -147,16 +179,22 @@ def format_table(rows: Sequence[dict[str, Any]], paper: PaperLookup | None = Non
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
 
     def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
     ref = rows[0]["reference"]
-    out.append(f"diff: variant mean - {ref} mean; p: two-sided Welch t-test vs {ref}; "
-               "± is the sample std (ddof=1) over seeds")
+    out.append(
+        f"diff: variant mean - {ref} mean; p: two-sided Welch t-test vs {ref}; "
+        "± is the sample std (ddof=1) over seeds"
+    )
     if any(math.isnan(row["gc_share"]) for row in rows):
-        out.append("GC % n/a (in the step): with --impl other than default GC is fused "
-                   "into the optimizer step and not timed apart")
+        out.append(
+            "GC % n/a (in the step): with --impl other than default GC is fused "
+            "into the optimizer step and not timed apart"
+        )
     return "\n".join(out)
 
 
@@ -178,10 +216,12 @@ def _paper_value(paper: PaperLookup | None, table: str | None, row: dict[str, An
 
 def environment() -> dict[str, Any]:
     """Library versions, python, platform and devices, for results.json."""
-    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                           "cpu_count": os.cpu_count()}
-    for lib in ("torch", "numpy", "scipy", "torchvision", "scikit-learn", "matplotlib",
-                "gradcent"):
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    for lib in ("torch", "numpy", "scipy", "torchvision", "scikit-learn", "matplotlib", "gradcent"):
         try:
             env[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:
@@ -197,23 +237,50 @@ def git_commit(path: str | Path | None = None) -> dict[str, Any] | None:
     """The git commit of the source tree (and whether it had local changes), if any."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=cwd, capture_output=True, text=True, timeout=10,
-                               check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": sha, "dirty": bool(dirty)}
 
 
-CSV_FIELDS = ("point", "variant", "seed", "test_acc", "test_loss", "test_ap", "train_loss",
-              "train_acc", "epochs", "epoch_time", "gc_time", "gc_share")
+CSV_FIELDS = (
+    "point",
+    "variant",
+    "seed",
+    "test_acc",
+    "test_loss",
+    "test_ap",
+    "train_loss",
+    "train_acc",
+    "epochs",
+    "epoch_time",
+    "gc_time",
+    "gc_share",
+)
 
 
-def write_results(out: str | Path, cfg: RunConfig, results: Sequence[dict[str, Any]],
-                  rows: Sequence[dict[str, Any]], plots: Sequence[str | Path] = ()
-                  ) -> tuple[Path, Path]:
+def write_results(
+    out: str | Path,
+    cfg: RunConfig,
+    results: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
+    plots: Sequence[str | Path] = (),
+) -> tuple[Path, Path]:
     """Write ``results.json`` (everything) and ``results.csv`` (one row per run).
 
     Returns:
@@ -225,9 +292,15 @@ def write_results(out: str | Path, cfg: RunConfig, results: Sequence[dict[str, A
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"config": cfg.to_dict(), "seeds": list(cfg.seeds), "environment": environment(),
-           "git": git_commit(), "summary": list(rows), "plots": [str(p) for p in plots],
-           "runs": list(results)}
+    doc = {
+        "config": cfg.to_dict(),
+        "seeds": list(cfg.seeds),
+        "environment": environment(),
+        "git": git_commit(),
+        "summary": list(rows),
+        "plots": [str(p) for p in plots],
+        "runs": list(results),
+    }
     json_path = out / "results.json"
     json_path.write_text(json.dumps(doc, indent=2) + "\n")
     csv_path = out / "results.csv"
@@ -235,9 +308,19 @@ def write_results(out: str | Path, cfg: RunConfig, results: Sequence[dict[str, A
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in results:
-            w.writerow({"point": r.get("point", ""), "variant": r["variant"], "seed": r["seed"],
-                        **{k: r["final"].get(k, "") for k in
-                           ("test_acc", "test_loss", "test_ap", "train_loss", "train_acc")},
-                        "epochs": r["epochs"], "epoch_time": r["epoch_time"],
-                        "gc_time": r["gc_time"], "gc_share": r["gc_share"]})
+            w.writerow(
+                {
+                    "point": r.get("point", ""),
+                    "variant": r["variant"],
+                    "seed": r["seed"],
+                    **{
+                        k: r["final"].get(k, "")
+                        for k in ("test_acc", "test_loss", "test_ap", "train_loss", "train_acc")
+                    },
+                    "epochs": r["epochs"],
+                    "epoch_time": r["epoch_time"],
+                    "gc_time": r["gc_time"],
+                    "gc_share": r["gc_share"],
+                }
+            )
     return json_path, csv_path

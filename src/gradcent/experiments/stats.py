@@ -109,8 +109,9 @@ class Comparison:
     p: float
 
 
-def compare(values: Sequence[float], reference: Sequence[float], is_reference: bool = False
-            ) -> Comparison:
+def compare(
+    values: Sequence[float], reference: Sequence[float], is_reference: bool = False
+) -> Comparison:
     """Summarize ``values`` and compare them with ``reference``.
 
     Args:

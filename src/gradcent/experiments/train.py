@@ -333,10 +333,17 @@ def _coco_ap(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
             ids.append(image_id)
             boxes = out["boxes"].cpu()
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-            for box, score, label in zip(xywh, out["scores"].tolist(), out["labels"].tolist(),
-                                         strict=True):
-                dets.append({"image_id": image_id, "category_id": int(label), "bbox": box,
-                             "score": float(score)})
+            for box, score, label in zip(
+                xywh, out["scores"].tolist(), out["labels"].tolist(), strict=True
+            ):
+                dets.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(label),
+                        "bbox": box,
+                        "score": float(score),
+                    }
+                )
     if not dets:
         return 0.0
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - COCOeval prints
@@ -349,8 +356,11 @@ def _coco_ap(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -397,8 +407,13 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
     from gradcent.experiments.models import build_model
 
     seed_everything(seed)
-    model = build_model(cfg.model, data.num_classes, in_channels=data.in_channels,
-                        pretrained=cfg.pretrained, **model_options(cfg, variant)).to(device)
+    model = build_model(
+        cfg.model,
+        data.num_classes,
+        in_channels=data.in_channels,
+        pretrained=cfg.pretrained,
+        **model_options(cfg, variant),
+    ).to(device)
     # DDP / FSDP2 under torchrun (no-op otherwise), before the optimizer: GC plans
     # the parameters the optimizer will see (FSDP2's DTensors).
     model = distributed_run.current().wrap(model, device)
@@ -408,12 +423,10 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
 
         lr_pre = cfg.lr_pretrained if cfg.lr_pretrained is not None else cfg.lr / 10
         # Head names without DDP's "module." prefix (FSDP2 keeps the names).
-        params = param_groups_for_finetune(distributed_run.current().unwrap(model), cfg.lr,
-                                           lr_pre)
+        params = param_groups_for_finetune(distributed_run.current().unwrap(model), cfg.lr, lr_pre)
     optimizer, centralizer = build_optimizer(cfg, variant, model, params)
     scheduler = build_scheduler(cfg, optimizer)
-    return model, optimizer, scheduler, GCTimer(centralizer, device,
-                                                in_step=cfg.impl != "default")
+    return model, optimizer, scheduler, GCTimer(centralizer, device, in_step=cfg.impl != "default")
 
 
 @contextlib.contextmanager
@@ -428,8 +441,10 @@ def reproducible(enabled: bool, threads: int = 0):
         PyTorch notes on reproducibility (``use_deterministic_algorithms``).
 
     """
-    prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
-                       torch.is_deterministic_algorithms_warn_only_enabled())
+    prev, prev_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -490,17 +505,23 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     v = get_variant(variant)
     if resume and (done := load_result(run_dir)) is not None:
-        if numeric_config(RunConfig.from_dict(done["config"])) != numeric_config(cfg) or \
-                done["variant"] != variant or done["seed"] != seed:
-            raise ValueError(f"{run_dir} holds a finished run with a different config, variant "
-                             "or seed; use another --out")
+        if (
+            numeric_config(RunConfig.from_dict(done["config"])) != numeric_config(cfg)
+            or done["variant"] != variant
+            or done["seed"] != seed
+        ):
+            raise ValueError(
+                f"{run_dir} holds a finished run with a different config, variant "
+                "or seed; use another --out"
+            )
         return done
     device = resolve_device(cfg.device)
     if data is None:
         from gradcent.experiments.datasets import build_dataset
 
-        data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0,
-                             fine_grained=cfg.fine_grained)
+        data = build_dataset(
+            cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained
+        )
     task = getattr(data, "task", "classification")
     collate = getattr(data, "collate_fn", None)
     ranks = distributed_run.current()
@@ -515,49 +536,81 @@ def train_run(
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
             # Through RunConfig: options added since the checkpoint take their defaults.
             saved = numeric_config(RunConfig.from_dict(ckpt["config"]))
-            if saved != numeric_config(cfg) or ckpt["variant"] != variant or \
-                    ckpt["seed"] != seed:
-                raise ValueError(f"Checkpoint {ckpt_path} is from a different run (config, "
-                                 "variant or seed differ); remove it or use another --out")
+            if saved != numeric_config(cfg) or ckpt["variant"] != variant or ckpt["seed"] != seed:
+                raise ValueError(
+                    f"Checkpoint {ckpt_path} is from a different run (config, "
+                    "variant or seed differ); remove it or use another --out"
+                )
             ranks.load(model, optimizer, ckpt)  # saved under any world size
             scheduler.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"])
             history, start = ckpt["history"], ckpt["epoch"]
         batch = ranks.local_batch(cfg.batch_size)  # --batch-size is the global batch
-        test_loader = make_loader(data.test, batch, shuffle=False,
-                                  workers=cfg.workers, collate_fn=collate,
-                                  sampler=ranks.sampler(data.test, shuffle=False, seed=0))
+        test_loader = make_loader(
+            data.test,
+            batch,
+            shuffle=False,
+            workers=cfg.workers,
+            collate_fn=collate,
+            sampler=ranks.sampler(data.test, shuffle=False, seed=0),
+        )
         last = cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)
         for epoch in range(start, last):
             sampler = ranks.sampler(data.train, shuffle=True, seed=_epoch_seed(seed, epoch))
-            loader = make_loader(data.train, batch, shuffle=True, seed=seed,
-                                 epoch=epoch, workers=cfg.workers, collate_fn=collate,
-                                 sampler=sampler)
+            loader = make_loader(
+                data.train,
+                batch,
+                shuffle=True,
+                seed=seed,
+                epoch=epoch,
+                workers=cfg.workers,
+                collate_fn=collate,
+                sampler=sampler,
+            )
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             train_loss, train_acc = ranks.mean(
-                train_epoch(model, loader, optimizer, device, task))  # over ranks
+                train_epoch(model, loader, optimizer, device, task)
+            )  # over ranks
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
             scheduler.step()
-            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                   **_mean_over_ranks(ranks, evaluate(model, test_loader, device, task)),
-                   "epoch_time": epoch_time, "gc_time": timer.lap()}
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                **_mean_over_ranks(ranks, evaluate(model, test_loader, device, task)),
+                "epoch_time": epoch_time,
+                "gc_time": timer.lap(),
+            }
             history.append(row)
             # Full (unsharded) states: every rank joins the gather, rank 0 writes.
             model_state = ranks.model_state(model)
             optim_state = ranks.optimizer_state(model, optimizer)
             if ranks.is_main:
-                atomic_save({"model": model_state, "optimizer": optim_state,
-                             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                             "epoch": epoch + 1, "history": history, "variant": variant,
-                             "seed": seed, "config": numeric_config(cfg)}, ckpt_path)
+                atomic_save(
+                    {
+                        "model": model_state,
+                        "optimizer": optim_state,
+                        "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "variant": variant,
+                        "seed": seed,
+                        "config": numeric_config(cfg),
+                    },
+                    ckpt_path,
+                )
             if log is not None:
-                log(f"[{variant} seed={seed}] epoch {epoch + 1}/{cfg.epochs} "
+                log(
+                    f"[{variant} seed={seed}] epoch {epoch + 1}/{cfg.epochs} "
                     f"train_loss={train_loss:.4f} test_loss={row['test_loss']:.4f} "
                     f"test_acc={row['test_acc']:.2f} ({epoch_time:.2f}s, "
-                    f"GC {format_gc_time(row['gc_time'])})")
+                    f"GC {format_gc_time(row['gc_time'])})"
+                )
     result = summarize_run(cfg, variant, seed, history)
     if result["finished"] and ranks.is_main:
         atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT)
@@ -581,8 +634,11 @@ def summarize_run(
         "seed": seed,
         "finished": len(history) == cfg.epochs,
         "epochs": len(history),
-        "final": {k: final[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc",
-                                        "test_ap") if k in final},
+        "final": {
+            k: final[k]
+            for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_ap")
+            if k in final
+        },
         "epoch_time": epoch_time,
         "gc_time": gc_time,
         "gc_share": 100.0 * gc_time / epoch_time if history and epoch_time > 0 else math.nan,
