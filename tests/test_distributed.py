@@ -17,20 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_worker import OPTIMIZERS  # the worker trains each of these (tests/ is on sys.path)
 
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-OPTIMIZERS = (
-    "sgd-all",
-    "sgd-conv",
-    "sgd-fc",
-    "adam-attach",
-    "adamw-update",
-    "none",
-    "sgd-fused",
-    "adamw-fused",
-)
 WORLD = 2
 
 
