@@ -164,7 +164,7 @@ def rows_hint(shape: Sequence[int], spec) -> int:
     return shape[0] if m > 1 and shape[0] > 0 else 0
 
 
-def _hint(optimizer, gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
+def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
     """:func:`rows_hint` of ``p`` in ``group``, cached per (parameter, mode, shape)."""
     mode = group.get("gc", gc.plan.mode)
     key = (id(p), mode)
@@ -220,7 +220,7 @@ def native_step(optimizer: torch.optim.Optimizer) -> None:
                 check_param(p, optimizer.impl)  # raises for sparse grads and DTensor
                 slow.append(p)
                 continue
-            rows.append(_hint(optimizer, gc, group, p, cache))
+            rows.append(_hint(gc, group, p, cache))
             ps.append(p)
             gs.append(g)
             _gather(optimizer, kind, group, p, cols, first)
