@@ -105,7 +105,6 @@ class GCMixin:
             check_blocked_options(self, impl)
         if impl == "native":
             load_native()  # build errors surface here, not at the first step
-        self._gc.native = impl == "native"
 
     @property
     def impl(self) -> str:

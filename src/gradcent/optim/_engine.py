@@ -78,8 +78,6 @@ class Centralizer:
         # Gradients already centred by centralize_now(), keyed by id(param): the
         # next step leaves them as they are (the user may have clipped them).
         self._pending: dict[int, weakref.ref] = {}
-        # Set by impl="native" optimizers: GC passes use the native kernel (CPU float32).
-        self.native = False
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
@@ -99,6 +97,7 @@ class Centralizer:
         """Centralize gradients (folding coupled decay) or snapshot weights."""
         done, self._pending = self._pending, {}
         self._snapshots.clear()
+        native = _uses_native(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
             if gplan.mode is None:
@@ -116,7 +115,7 @@ class Centralizer:
                 spec = self._spec(gplan, p)
                 if spec is not None and not _is_pending(done, p):
                     todo.append((p.grad, spec))
-            self._centralize_all_(todo)
+            self._centralize_all_(todo, native)
 
     @torch.no_grad()
     def centralize_now(self, optimizer: torch.optim.Optimizer) -> None:
@@ -135,6 +134,7 @@ class Centralizer:
                 "the update after the step, so clipping order does not matter"
             )
         self._pending = {}
+        native = _uses_native(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
             if gplan.mode is None:
@@ -147,15 +147,16 @@ class Centralizer:
                 if spec is not None:
                     todo.append((p.grad, spec))
                     self._pending[id(p)] = weakref.ref(p.grad)
-            self._centralize_all_(todo)
+            self._centralize_all_(todo, native)
 
-    def _centralize_all_(self, todo: list[tuple[Tensor, Any]]) -> None:
+    @staticmethod
+    def _centralize_all_(todo: list[tuple[Tensor, Any]], native: bool) -> None:
         """``centralize_`` each (gradient, spec).
 
-        With :attr:`native`, every gradient the native kernel takes goes through
-        one kernel call (same math, one pass over memory).
+        With ``native`` (an ``impl="native"`` optimizer), every gradient the
+        native kernel takes goes through one kernel call (same math, one pass).
         """
-        if self.native and todo:
+        if native and todo:
             from gradcent.optim._native import centralize_many_
 
             todo = centralize_many_(todo)  # hands back what it did not take
@@ -231,6 +232,11 @@ class Centralizer:
         """Drop the weight snapshots and pending gradients of an unfinished step."""
         self._snapshots.clear()
         self._pending = {}
+
+
+def _uses_native(optimizer: torch.optim.Optimizer) -> bool:
+    """True for a gradcent optimizer built with ``impl="native"`` (its GC passes too)."""
+    return getattr(optimizer, "impl", "default") == "native"
 
 
 def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:
