@@ -295,7 +295,7 @@ def _fast(p: Tensor, tensors: list[Tensor], spec: Spec | None) -> bool:
 # ---------------------------------------------------------------- the step
 
 
-def _decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[float, float]:
+def decay_terms(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[float, float]:
     """(l2, decay_mul): coupled L2 folded into ĝ, or the decoupled shrink factor."""
     wd = float(group.get("weight_decay", 0.0))
     if not wd:
@@ -389,7 +389,7 @@ def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") ->
     cache = optimizer.__dict__.setdefault("_fused_rows", {})
     for group in optimizer.param_groups:
         gplan = gc._group_plan(group)
-        l2, mul = _decay(optimizer, group)
+        l2, mul = decay_terms(optimizer, group)
         maximize = group.get("maximize", False)
         batches: dict[tuple, _Batch] = {}
         for p in group["params"]:

@@ -193,7 +193,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                            at::TensorList max_exp_avg_sqs, at::TensorList steps,
                            at::IntArrayRef rows, double lr, double beta1, double beta2, double eps,
-                           double l2, double decoupled, bool amsgrad, bool maximize) {
+                           double l2, double shrink, bool amsgrad, bool maximize) {
   const size_t n = params.size();
   check_sizes(grads.size(), n, "grads");
   check_sizes(exp_avgs.size(), n, "exp_avgs");
@@ -220,7 +220,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
   const float b2 = static_cast<float>(beta2);
   const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
   const float feps = static_cast<float>(eps);
-  const float shrink = static_cast<float>(1.0 - lr * decoupled);
+  const float fshrink = static_cast<float>(shrink);  // 1 - lr·λ for AdamW, else 1
   for_items(items, [&](const Item& it) {
     float* p = params[it.tensor].data_ptr<float>();
     const float* g = grads[it.tensor].data_ptr<float>();
@@ -248,7 +248,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
           mr[j] = mj;
           vr[j] = vj;
           xr[j] = xj;
-          pr[j] = w * shrink - ss * mj / (std::sqrt(xj) * inv_bc + feps);
+          pr[j] = w * fshrink - ss * mj / (std::sqrt(xj) * inv_bc + feps);
         });
       }
       return row_loop<kSum>(m, gn, wn, s, fl2, [=](int64_t j) {
@@ -258,7 +258,7 @@ std::vector<int64_t> adam_(at::TensorList params, at::TensorList grads,
         const float vj = b2 * vr[j] + one_b2 * gh * gh;
         mr[j] = mj;
         vr[j] = vj;
-        pr[j] = w * shrink - ss * mj / (std::sqrt(vj) * inv_bc + feps);
+        pr[j] = w * fshrink - ss * mj / (std::sqrt(vj) * inv_bc + feps);
       });
     });
   });
@@ -351,7 +351,7 @@ TORCH_LIBRARY(gradcent_native, m) {
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] rows, "
-      "float lr, float beta1, float beta2, float eps, float l2, float decoupled, bool amsgrad, "
+      "float lr, float beta1, float beta2, float eps, float l2, float shrink, bool amsgrad, "
       "bool maximize) -> int[]",
       &adam_);  // steps of taken parameters are incremented in place
   m.def(

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from gradcent.optim._blocked import blocked_group, check_param, check_step, fused_state
-from gradcent.optim._engine import has_coupled_decay, has_decoupled_decay
+from gradcent.optim._fused import decay_terms
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 _CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
@@ -255,9 +255,8 @@ def _gather(optimizer, kind: str, group, p: Tensor, cols, first: list[bool]) -> 
 
 def _call(ops, kind, group, optimizer, ps, gs, cols, rows, first) -> list[int]:
     """One kernel call for a group; returns the indices it did not take."""
-    wd = float(group.get("weight_decay", 0.0))
-    l2 = wd if wd and has_coupled_decay(optimizer, group) else 0.0
-    decoupled = wd if has_decoupled_decay(optimizer, group) else 0.0
+    # ĝ = P(s·g + l2·w) with coupled L2; the decoupled decay (SGDW, AdamW) shrinks w.
+    l2, shrink = decay_terms(optimizer, group)
     lr, maximize = float(group["lr"]), bool(group.get("maximize", False))
     if kind == "sgd":
         return ops.sgd_(
@@ -270,7 +269,7 @@ def _call(ops, kind, group, optimizer, ps, gs, cols, rows, first) -> list[int]:
             float(group["momentum"]),
             float(group["dampening"]),
             l2,
-            1.0 - lr * decoupled,
+            shrink,
             bool(group["nesterov"]),
             maximize,
         )
@@ -288,7 +287,7 @@ def _call(ops, kind, group, optimizer, ps, gs, cols, rows, first) -> list[int]:
         float(beta2),
         float(group["eps"]),
         l2,
-        decoupled,
+        shrink,
         bool(group["amsgrad"]),
         maximize,
     )
