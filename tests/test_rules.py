@@ -157,29 +157,100 @@ def test_lazy_layers_are_decided_at_first_step():
     assert p.name(net[3].weight) == "3.weight"
 
 
-def test_tied_weights_keep_the_first_owner_rule():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.head = nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
+class _EmbeddingFirst(nn.Module):
+    """A GPT-2 style tie: the head's weight is the embedding table."""
 
-    m = Tied()
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+class _HeadFirst(nn.Module):
+    """The same tie, with the head registered first."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 10, bias=False)
+        self.emb = nn.Embedding(10, 4)
+        self.emb.weight = self.head.weight
+
+
+@pytest.mark.parametrize("make", [_EmbeddingFirst, _HeadFirst], ids=["emb first", "head first"])
+def test_tied_embedding_and_head_do_not_depend_on_registration_order(make):
+    m = make()
+    shared = m.emb.weight
+    assert m.head.weight is shared
+    # The embedding leaves it alone (embeddings=False): the tied weight is not centred,
+    # whichever module came first.
     p = plan(m)
-    assert p.spec(m.head.weight) is None  # the embedding owns it: excluded
-    assert p.name(m.head.weight) == "emb.weight"
-    assert plan(m, embeddings=True).spec(m.head.weight).dims == (1,)
+    assert p.spec(shared) is None
+    (row,) = p.describe()
+    assert row[2] == "Embedding + Linear"
+    assert "tied, owners disagree" in row[3]
+    assert "emb.weight Embedding skip" in row[3] and "head.weight Linear dims=(1,)" in row[3]
+    # Both owners centre rows: centred.
+    q = plan(m, embeddings=True)
+    assert q.spec(shared) == Spec("fc", (1,), 1, "Embedding + Linear")
+    assert q.describe()[0][3] == "GC dims=(1,) (tied: emb.weight, head.weight)"
+    # Either name reaches it in include/exclude.
+    assert plan(m, embeddings=True, exclude="head.*").spec(shared) is None
+    assert plan(m, embeddings=True, exclude="emb.*").spec(shared) is None
+    assert plan(m, include="head.weight").spec(shared).dims == (1,)
 
-    class TiedLinearFirst(nn.Module):
+
+def test_tied_weights_through_an_optimizer_step():
+    # End to end: the gradient of the tied table (sum of both uses) is left as it is
+    # with embeddings=False, in both orders.
+    for make in (_EmbeddingFirst, _HeadFirst):
+        torch.manual_seed(0)
+        m = make()
+        opt = gradcent.SGD(m.parameters(), lr=0.1, model=m)
+        ids = torch.tensor([[1, 2, 3]])
+        m.head(m.emb(ids)).logsumexp(-1).sum().backward()
+        raw = m.emb.weight.grad.clone()
+        opt.centralize_grads()
+        assert torch.equal(m.emb.weight.grad, raw)
+        assert raw.sum(1).abs().max() > 1e-3  # centring would have changed it
+
+
+def test_tied_conv_and_conv_transpose_disagree_and_are_left_alone():
+    # A tied autoencoder: the decoder's ConvTranspose reuses the encoder's Conv weight.
+    # The Conv's units are rows (dims 1, 2, 3), the ConvTranspose's columns (dims 0, 2, 3).
+    class TiedAE(nn.Module):
+        def __init__(self, decoder_first):
+            super().__init__()
+            enc, dec = nn.Conv2d(3, 5, 3), nn.ConvTranspose2d(5, 3, 3)
+            if decoder_first:
+                self.dec, self.enc = dec, enc
+            else:
+                self.enc, self.dec = enc, dec
+            self.dec.weight = self.enc.weight
+
+    for decoder_first in (False, True):
+        m = TiedAE(decoder_first)
+        rows = {r[0]: r for r in plan(m).describe()}
+        assert plan(m).spec(m.enc.weight) is None
+        first = "dec.weight" if decoder_first else "enc.weight"
+        assert rows[first][3] == (
+            "skip (tied, owners disagree: dec.weight ConvTranspose2d dims=(0, 2, 3); "
+            "enc.weight Conv2d dims=(1, 2, 3))"
+        )
+
+
+def test_a_weight_shared_by_two_linear_layers_is_centred_and_listed_once():
+    class TiedLinear(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(4, 4)
             self.b = nn.Linear(4, 4)
             self.b.weight = self.a.weight
 
-    m2 = TiedLinearFirst()
-    assert len(plan(m2).describe()) == 3  # the shared weight is listed once
+    m = TiedLinear()
+    assert len(plan(m).describe()) == 3  # the shared weight is listed once
+    assert plan(m).spec(m.a.weight) == Spec("fc", (1,), 1, "Linear")
+    assert plan(m).describe()[0][3] == "GC dims=(1,)"
 
 
 def test_unknown_module_falls_back_to_ndim_rules():
@@ -236,3 +307,198 @@ def test_describe_rows():
     assert rows["0.weight"][1:] == ((4, 3, 3, 3), "ConvTranspose2d", "GC dims=(0, 2, 3) groups=2")
     assert rows["0.bias"][3] == "skip"
     assert rows["2.weight"][3] == "GC dims=(1,)"
+
+
+# --- Parametrized layers: the tensor that trains follows its layer's rule -------------
+
+PARAMETRIZE = {
+    "parametrizations.weight_norm": torch.nn.utils.parametrizations.weight_norm,
+    "parametrizations.spectral_norm": torch.nn.utils.parametrizations.spectral_norm,
+    "weight_norm (hooks)": torch.nn.utils.weight_norm,
+    "spectral_norm (hooks)": torch.nn.utils.spectral_norm,
+}
+# The tensor that trains in place of the weight, under each API.
+DIRECTION = ("original1", "weight_v", "original", "weight_orig")
+# (make, input, reduction dims of one unit, groups): the plain layers' rules.
+PARAM_LAYERS = {
+    "Linear": (lambda: nn.Linear(5, 4), (3, 5), (1,), 1),
+    "Conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6), (1, 2, 3), 1),
+    "grouped ConvTranspose2d": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, groups=2),
+        (2, 4, 5, 5),
+        (0, 2, 3),
+        2,
+    ),
+}
+
+
+def _unit_sums(g: torch.Tensor, dims, groups) -> torch.Tensor:
+    """Each output unit's gradient sum, taken by hand (dim 0 split into groups)."""
+    if groups > 1:
+        g, dims = g.unflatten(0, (groups, -1)), tuple(d + 1 for d in dims)
+    return g.sum(dims)
+
+
+def _parametrized(how: str, make):
+    layer = make().double()
+    if "weight_norm" in how and isinstance(layer, nn.ConvTranspose2d):
+        # A ConvTranspose's output channels are dim 1: its per-channel g is (1, out/g, 1, 1).
+        return PARAMETRIZE[how](layer, dim=1)
+    return PARAMETRIZE[how](layer)
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("layer_name", list(PARAM_LAYERS))
+@pytest.mark.parametrize("how", list(PARAMETRIZE))
+def test_parametrized_weight_is_centred_along_its_layer_units(how, layer_name):
+    make, x_shape, dims, groups = PARAM_LAYERS[layer_name]
+    layer = _parametrized(how, make)
+    trained = {n: p for n, p in layer.named_parameters() if n != "bias"}
+    direction = {n: p for n, p in trained.items() if n.endswith(DIRECTION)}
+    magnitude = {n: p for n, p in trained.items() if n not in direction}
+    assert len(direction) == 1 and len(magnitude) == ("weight_norm" in how)
+    (dname, v), *_ = direction.items()
+
+    opt = gradcent.SGD(layer.parameters(), lr=0.1, model=layer)
+    layer(torch.randn(x_shape, dtype=torch.float64)).pow(2).sum().backward()
+    raw = {n: p.grad.clone() for n, p in trained.items()}
+    opt.centralize_grads()
+
+    # The tensor that trains: every unit of the plain layer sums to zero...
+    assert _unit_sums(v.grad, dims, groups).abs().max() < 1e-10
+    assert _unit_sums(raw[dname], dims, groups).abs().max() > 1e-3  # (it did not before)
+    # ...and nothing else moved: within a unit, the change is the unit's mean.
+    assert torch.allclose(v.grad, centralize(raw[dname], dims, groups))
+    # weight_norm's magnitude (one scale per unit, M = 1) is left as it is.
+    for n, g in magnitude.items():
+        assert torch.equal(g.grad, raw[n])
+
+    rows = {r[0]: r for r in opt._gc.plan.describe()}
+    base = layer_name.split()[-1]
+    assert rows[dname][2] == base
+    gc_text = f"GC dims={dims}" + (f" groups={groups}" if groups > 1 else "")
+    assert rows[dname][3].startswith(gc_text)
+    assert f"trains weight through {how.split()[0].split('.')[-1]}" in rows[dname][3]
+    for n in magnitude:
+        assert rows[n][3] == "skip (weight_norm magnitude g, one scale per unit)"
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", list(PARAMETRIZE))
+def test_parametrized_spec_equals_the_plain_layer_spec(how):
+    for make, *_ in PARAM_LAYERS.values():
+        plain = make()
+        layer = _parametrized(how, make)
+        (v,) = [p for n, p in layer.named_parameters() if n.endswith(DIRECTION)]
+        assert plan(layer).spec(v) == plan(plain).spec(plain.weight)
+
+
+def test_weight_norm_over_dim_0_of_a_conv_transpose_keeps_its_magnitude():
+    # The default dim=0 gives g one entry per *input* row, shape (in, 1, 1, 1): still a
+    # scale, never centred, though the ConvTranspose rule spans dim 0.
+    layer = torch.nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(4, 2, 1, groups=2))
+    g = layer.parametrizations.weight.original0
+    assert tuple(g.shape) == (4, 1, 1, 1)
+    assert plan(layer).spec(g) is None
+    assert plan(layer).spec(layer.parametrizations.weight.original1).dims == (0, 2, 3)
+
+
+def test_pruned_conv_transpose_follows_its_layer():
+    layer = nn.ConvTranspose2d(4, 6, 3, groups=2)
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.3)
+    p = plan(layer)
+    assert p.spec(layer.weight_orig) == Spec("conv", (0, 2, 3), 2, "ConvTranspose2d")
+    assert p.describe()[1][3] == "GC dims=(0, 2, 3) groups=2 (trains weight through pruning)"
+
+
+def test_unknown_parametrization_is_left_alone_and_said_so():
+    # An orthogonal map mixes rows: the tensor that trains has no output units.
+    layer = torch.nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))
+    a = layer.parametrizations.weight.original
+    assert plan(layer).spec(a) is None
+    row = {r[0]: r for r in plan(layer).describe()}["parametrizations.weight.original"]
+    assert row[3] == ("skip (trains weight through _Orthogonal: its rows need not be output units)")
+    assert plan(layer, include="*.original").spec(a).dims == (1,)  # the user can insist
+
+
+# --- Names under wrappers: patterns name the user's own model -------------------------
+
+
+def _small_net():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _decisions(p):
+    return [(name, decision) for name, _, _, decision in p.describe()]
+
+
+UNWRAPPED = [
+    ("0.weight", "GC dims=(1, 2, 3)"),
+    ("0.bias", "skip"),
+    ("2.weight", "skip"),
+    ("2.bias", "skip"),
+]
+
+
+def test_ddp_names_are_the_models_own(one_process_group):
+    net = _small_net()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    assert next(iter(dict(ddp.named_parameters()))) == "module.0.weight"
+    p = plan(model=ddp, exclude=["2.*"])
+    assert _decisions(p) == UNWRAPPED
+    assert p.spec(net[2].weight) is None and p.spec(net[0].weight) is not None
+    # Through an optimizer built on the wrapper, as a DDP training script does.
+    opt = gradcent.SGD(ddp.parameters(), lr=0.1, model=ddp, include="2.weight")
+    assert opt._gc.plan.spec(net[2].weight).dims == (1,)
+    assert opt._gc.plan.name(net[2].weight) == "2.weight"
+
+
+def test_data_parallel_names_are_the_models_own():
+    net = _small_net()
+    assert _decisions(plan(nn.DataParallel(net), exclude="2.*")) == UNWRAPPED
+
+
+def test_torch_compile_names_are_the_models_own():
+    net = _small_net()
+    compiled = torch.compile(net)  # reading names compiles nothing
+    assert next(iter(dict(compiled.named_parameters()))) == "_orig_mod.0.weight"
+    assert _decisions(plan(compiled, exclude=["2.*"])) == UNWRAPPED
+    # A compiled submodule and a compiled DDP-free wrapper stack alike.
+    net[2] = torch.compile(net[2])
+    assert _decisions(plan(torch.compile(net), exclude="2.*")) == UNWRAPPED
+
+
+def test_fsdp1_and_checkpoint_wrappers_are_dropped_from_names():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    net = _small_net()
+    net[0] = checkpoint_wrapper(net[0])
+
+    class FSDP1Like(nn.Module):
+        # FSDP1 keeps the wrapped module under this attribute (its real class needs a
+        # process group and a device; the name is what matters here).
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    wrapped = FSDP1Like(net)
+    assert "_fsdp_wrapped_module.0._checkpoint_wrapped_module.weight" in dict(
+        wrapped.named_parameters()
+    )
+    assert _decisions(plan(wrapped, exclude="2.*")) == UNWRAPPED
+
+
+def test_a_user_module_named_module_keeps_its_name():
+    net = nn.Module()
+    net.module = nn.Linear(3, 2)  # not a DDP: "module" is the user's own name
+    assert plan(net).describe()[0][0] == "module.weight"
+    assert plan(net, exclude="module.*").spec(net.module.weight) is None
