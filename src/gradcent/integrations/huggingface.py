@@ -10,8 +10,10 @@ Why a helper for the second: the Trainer pops a ``"model"`` key out of the
 kwargs (it belongs to its LOMO optimizer) and passes bare param groups, so
 ``(gradcent.AdamW, {"model": model})`` cannot work, and without the model
 gradcent falls back to bare-tensor rules, which centralize 2-D embedding
-tables. The Trainer also accepts a *factory* (``cls()(model, **kwargs)``);
-:func:`optimizer_cls_and_kwargs` returns one, so the plan sees the model.
+tables, and GPT-2's ``Conv1D`` weights (laid out ``(in, out)``) by rows where
+their units are columns. The Trainer also accepts a *factory*
+(``cls()(model, **kwargs)``); :func:`optimizer_cls_and_kwargs` returns one, so
+the plan sees the model.
 
 References:
     Yong et al., ECCV 2020, §3.4 (weight decay) and §5.1 (which layers).
