@@ -502,3 +502,13 @@ def test_a_user_module_named_module_keeps_its_name():
     net.module = nn.Linear(3, 2)  # not a DDP: "module" is the user's own name
     assert plan(net).describe()[0][0] == "module.weight"
     assert plan(net, exclude="module.*").spec(net.module.weight) is None
+
+
+def test_a_module_shared_under_two_names_and_a_cycle():
+    net = nn.Module()
+    net.a = nn.Linear(3, 2)
+    net.b = net.a  # one module, two names: both reach its weight
+    net.a.loop = net  # a module that contains itself must not recurse for ever
+    p = plan(net, exclude="b.weight")
+    assert p.spec(net.a.weight) is None
+    assert [row[0] for row in plan(net).describe()] == ["a.weight", "a.bias"]

@@ -303,18 +303,23 @@ def _is_wrapped_child(parent: nn.Module, child_name: str) -> bool:
     )
 
 
-def _user_named_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules(remove_duplicate=False)`` with wrappers' name components dropped."""
+def _user_named_modules(
+    module: nn.Module, prefix: str = "", path: frozenset[int] = frozenset()
+) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules(remove_duplicate=False)`` with wrappers' name components dropped.
+
+    Every name of a shared module is visited (each alias of a tied weight is a
+    name the user may match); ``path`` stops a module that contains itself.
+    """
     yield prefix, module
+    path = path | {id(module)}
     for child_name, child in module._modules.items():
-        if child is None:
+        if child is None or id(child) in path:
             continue
+        name = f"{prefix}.{child_name}" if prefix else child_name
         if _is_wrapped_child(module, child_name):
-            yield from _user_named_modules(child, prefix)
-        else:
-            yield from _user_named_modules(
-                child, f"{prefix}.{child_name}" if prefix else child_name
-            )
+            name = prefix  # the wrapper's own attribute is no part of the user's names
+        yield from _user_named_modules(child, name, path)
 
 
 def _bare_spec(p: Tensor) -> Spec | None:
