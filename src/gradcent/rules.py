@@ -175,6 +175,8 @@ def _layer_rules(module: nn.Module, embeddings: bool) -> dict[str, Spec | None] 
 
 # Roles of a tensor trained in place of a weight (see _reparametrized).
 _WEIGHT, _MAGNITUDE, _OPAQUE = "weight", "magnitude", "opaque"
+# The parametrizations that keep output unit i in row i of what they are given.
+_ROW_WISE = {_WeightNorm: "weight_norm", _SpectralNorm: "spectral_norm"}
 
 
 def _reparametrized(module: nn.Module) -> dict[str, tuple[str, str, str, Tensor]]:
@@ -191,9 +193,8 @@ def _reparametrized(module: nn.Module) -> dict[str, tuple[str, str, str, Tensor]
     found: dict[str, tuple[str, str, str, Tensor]] = {}
     if parametrize.is_parametrized(module):
         for wname, chain in module.parametrizations.items():
-            known = {_WeightNorm: "weight_norm", _SpectralNorm: "spectral_norm"}
-            how = "+".join(known.get(type(f), type(f).__name__) for f in chain)
-            row_wise = all(type(f) in known for f in chain)
+            how = "+".join(_ROW_WISE.get(type(f), type(f).__name__) for f in chain)
+            row_wise = all(type(f) in _ROW_WISE for f in chain)
             # The first parametrization's right_inverse made the originals.
             split = isinstance(chain[0], _WeightNorm)
             for pname, p in chain.named_parameters(recurse=False):
