@@ -16,11 +16,13 @@ import gradcent
 from gradcent.cli import main
 from gradcent.experiments.compare import run_compare
 from gradcent.experiments.config import resolve
-from gradcent.experiments.datasets import build_dataset
+from gradcent.experiments.datasets import DatasetError, build_dataset
 from gradcent.experiments.diagnose import load_weights
 from gradcent.experiments.models import build_model
 from gradcent.experiments.runfiles import RunFileError, load_torch_file, rng_state, set_rng_state
 from gradcent.experiments.train import CHECKPOINT, RESULT, train_run
+
+from .test_datasets import write_fake_cifar
 
 SRC = Path(gradcent.__file__).resolve().parents[1]  # the gradcent under test
 # The CLI options of the run the fixture trains (digits, 64 samples, 2 epochs, seed 0).
@@ -235,6 +237,13 @@ def test_cli_error_for_a_corrupt_checkpoint_has_no_traceback(run):
     assert "Traceback" not in proc.stderr
 
 
+def test_old_checkpoint_with_numpy_rng_says_why(tmp_path):
+    # as written before the RNG states became tensors: refused, not unpickled
+    torch.save({"rng": {"numpy": np.random.get_state()}}, tmp_path / "old.pt")
+    with pytest.raises(RunFileError, match=r"it holds numpy\.\S+.*start that run again"):
+        load_torch_file(tmp_path / "old.pt")
+
+
 def test_load_torch_file_missing_and_folder(tmp_path):
     with pytest.raises(RunFileError, match=r"Checkpoint not found: .*nope\.pt"):
         load_torch_file(tmp_path / "nope.pt")
@@ -309,8 +318,6 @@ def test_missing_cifar_path_reported_once_and_nothing_written(tmp_path, capsys):
 
 
 def test_digits_build_dataset_refuses_data():
-    from gradcent.experiments.datasets import DatasetError
-
     with pytest.raises(DatasetError, match="not used by the digits dataset"):
         build_dataset("digits", "/nonexistent")
 
@@ -323,3 +330,18 @@ def test_bad_pretrained_file_writes_nothing(run, tmp_path, capsys):
         err = _fails(argv, capsys)
         assert f"{run / CHECKPOINT} is not a readable pretrained checkpoint" in err
         assert not out.exists()
+
+
+def test_cifar_path_is_the_folder_or_its_parent_reported_as_given(tmp_path):
+    # a folder named cifar-100-python holding the archive's own folder (extracted twice)
+    outer = tmp_path / "cifar-100-python"
+    write_fake_cifar(outer)
+    assert len(build_dataset("cifar100", data=str(outer)).train) == 10
+    # a parent without the folder: the expected child is named
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"at \S+/empty/cifar-100-python, but it is missing"):
+        build_dataset("cifar100", data=str(tmp_path / "empty"))
+    # the folder itself, present but empty: its missing file is named, not a child folder
+    (tmp_path / "x" / "cifar-100-python").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"'meta' at \S+/x/cifar-100-python/meta,"):
+        build_dataset("cifar100", data=str(tmp_path / "x" / "cifar-100-python"))

@@ -143,8 +143,8 @@ def load_torch_file(path: str | Path, map_location: Any = "cpu", what: str = "ch
                 f"{path} is not a readable {what} (truncated or corrupt: {_unpickler_error(err)})"
             ) from None
         hint = (
-            " (checkpoints written by gradcent 0.1.0 before this check kept numpy's RNG "
-            "state as an array: start that run again)"
+            " (gradcent checkpoints written before RNG states were stored as tensors "
+            "hold numpy's state as an array: start that run again)"
             if name.startswith("numpy")
             else ""
         )
