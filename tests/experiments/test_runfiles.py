@@ -345,3 +345,17 @@ def test_cifar_path_is_the_folder_or_its_parent_reported_as_given(tmp_path):
     (tmp_path / "x" / "cifar-100-python").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"'meta' at \S+/x/cifar-100-python/meta,"):
         build_dataset("cifar100", data=str(tmp_path / "x" / "cifar-100-python"))
+
+
+def test_corrupt_compare_config_names_the_file(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    for text, message in (
+        ('{"lr": 0.1', "is not a valid config file (truncated or corrupt: Expecting"),
+        ('{"colour": 1}', "is not a run config (Unknown config keys: ['colour'])"),
+        ("[1]", "is not a run config"),
+    ):
+        (out / "config.json").write_text(text)
+        err = _fails(["compare", *ARGS, "--out", str(out)], capsys)
+        assert f"{out / 'config.json'} {message}" in err, err
+        assert (out / "config.json").read_text() == text and len(list(out.iterdir())) == 1

@@ -87,11 +87,10 @@ def check_compare_dir(out: str | Path, cfg: RunConfig) -> None:
     path = Path(out) / "config.json"
     if not path.exists():
         return
+    doc = read_json(path, "config file")
     try:
-        saved = numeric_config(RunConfig.from_dict(read_json(path, "config file")))
+        saved = numeric_config(RunConfig.from_dict(doc))
     except (TypeError, ValueError) as err:
-        if isinstance(err, RunFileError):
-            raise
         raise RunFileError(f"{path} is not a run config ({err})") from None
     if diffs := config_differences(saved, cfg):
         raise ValueError(
