@@ -100,11 +100,14 @@ def _positive_int(text: str) -> int:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a paper protocol (see `gradcent presets`)")
     p.add_argument("--dataset", help="digits (default), cifar100, imagefolder, coco, ...")
-    p.add_argument("--data", help="dataset folder (not needed for digits)")
+    p.add_argument("--data", help="dataset folder (not for digits, which is bundled)")
     p.add_argument("--model", help="smallcnn (default), resnet18, ...")
     p.add_argument("--norm", help="bn, gn or none")
     p.add_argument("--ws", action="store_true", default=None, help="weight-standardised convs")
-    p.add_argument("--pretrained", help="checkpoint to fine-tune from")
+    p.add_argument(
+        "--pretrained",
+        help="weights to fine-tune from: a run's checkpoint.pt or a state_dict file",
+    )
     p.add_argument("--variants", type=parse_list, help="comma list, e.g. baseline,gc,gcc")
     p.add_argument("--seeds", type=parse_seeds, help="N (seeds 0..N-1) or a comma list")
     p.add_argument("--epochs", type=_positive_int)

@@ -58,7 +58,7 @@ def test_figure3_from_init_and_checkpoint(tmp_path, data):
     assert {r["layer"] for r in rows} == {"0", "3"} and len(rows) == 32 + 64
     train_run(cfg, "gc", 0, tmp_path / "run", data=data, log=None)
     _, ck_csv = figure3(cfg, tmp_path / "ck", data, checkpoint=tmp_path / "run" / "checkpoint.pt")
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     w = state["3.weight"]
     expected = w.reshape(w.shape[0], -1).mean(1).abs()
     got = [float(r["abs_mean"]) for r in csv.DictReader(ck_csv.open()) if r["layer"] == "3"]

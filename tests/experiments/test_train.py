@@ -41,7 +41,7 @@ def _metrics(history):
 
 
 def _state(run_dir):
-    return torch.load(run_dir / CHECKPOINT, weights_only=False)
+    return torch.load(run_dir / CHECKPOINT, weights_only=True)  # tensors and plain values only
 
 
 def test_resume_is_bit_identical(tmp_path, data):

@@ -24,7 +24,13 @@ from gradcent.experiments.distributed_run import current
 from gradcent.experiments.paper import paper_numbers
 from gradcent.experiments.plots import plot_curves
 from gradcent.experiments.report import format_table, summary_rows, write_results
-from gradcent.experiments.train import load_result, numeric_config, train_run
+from gradcent.experiments.runfiles import RunFileError, load_torch_file, read_json
+from gradcent.experiments.train import (
+    check_run_dir,
+    config_differences,
+    numeric_config,
+    train_run,
+)
 from gradcent.experiments.variants import get_variant
 
 
@@ -66,6 +72,33 @@ def run_dir(out: str | Path, point: str, variant: str, seed: int) -> Path:
     return base / _safe(variant) / f"seed{seed}"
 
 
+def check_compare_dir(out: str | Path, cfg: RunConfig) -> None:
+    """Refuse a folder whose ``config.json`` describes another comparison.
+
+    The options that change a run's numbers must match (``--variants``,
+    ``--seeds`` and ``--sweep`` may grow); otherwise the folder's config.json
+    would no longer describe the results beside it.
+
+    Raises:
+        ValueError: naming the options that differ; a
+            :class:`~gradcent.experiments.runfiles.RunFileError` for a corrupt file.
+
+    """
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return
+    doc = read_json(path, "config file")
+    try:
+        saved = numeric_config(RunConfig.from_dict(doc))
+    except (TypeError, ValueError) as err:
+        raise RunFileError(f"{path} is not a run config ({err})") from None
+    if diffs := config_differences(saved, cfg):
+        raise ValueError(
+            f"{out} holds a comparison with a different config ({'; '.join(diffs)}); "
+            "use another --out"
+        )
+
+
 def run_compare(
     cfg: RunConfig,
     out: str | Path,
@@ -86,7 +119,9 @@ def run_compare(
         An :class:`Outcome`.
 
     Raises:
-        ValueError: an unknown variant, or a variant the optimizer cannot do.
+        ValueError: an unknown variant, a variant the optimizer cannot do, or
+            ``out`` holding runs of another config (naming what differs); all
+            checked, with the data, before anything is written.
 
     References:
         Yong et al., ECCV 2020, §5 and Fig. 5.
@@ -99,16 +134,22 @@ def run_compare(
     for name in cfg.variants:
         get_variant(name)  # fail before training anything
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if current().is_main:  # under torchrun rank 0 alone writes files
-        cfg.save(out / "config.json")
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained)
     jobs = [
         (point, pcfg, v, s)
         for point, pcfg in sweep_points(cfg)
         for v in cfg.variants
         for s in cfg.seeds
     ]
+    # Every check before the first write, so that a refused comparison changes
+    # nothing on disk: the folder's config, each run's files, then the data.
+    check_compare_dir(out, cfg)
+    done = [check_run_dir(run_dir(out, p, v, s), pcfg, v, s)[0] for p, pcfg, v, s in jobs]
+    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained)
+    if cfg.pretrained is not None and None in done:  # a run to train loads these weights
+        load_torch_file(cfg.pretrained, what="pretrained checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    if current().is_main:  # under torchrun rank 0 alone writes files
+        cfg.save(out / "config.json")
     if progress is None:
         progress = not cfg.quiet and sys.stderr.isatty()
     if progress and log is not None:
@@ -119,14 +160,11 @@ def run_compare(
                 plain_log(line)
 
     results = []
-    for point, pcfg, variant, seed in tqdm(jobs, desc="runs", disable=not progress):
+    for (point, pcfg, variant, seed), result in zip(
+        tqdm(jobs, desc="runs", disable=not progress), done, strict=True
+    ):
         rdir = run_dir(out, point, variant, seed)
-        result = load_result(rdir)
         if result is not None:
-            if result["config"] and numeric_config(
-                RunConfig.from_dict(result["config"])
-            ) != numeric_config(pcfg):
-                raise ValueError(f"{rdir} holds a run with a different config; use another --out")
             if log:
                 log(f"[{variant} seed={seed}] already done ({rdir}), skipped")
         else:

@@ -69,6 +69,13 @@ class DataSpec:
 
 def _digits(data: str | None, **_: object) -> DataSpec:
     """Scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 split."""
+    if data is not None:
+        # An error, not a warning: a --data meant for another dataset (with
+        # --dataset forgotten) would otherwise train on digits without a word.
+        raise DatasetError(
+            f"--data {data!r} is not used by the digits dataset (it is bundled); drop "
+            f"--data, or name its dataset with --dataset (one of {', '.join(sorted(_BUILDERS))})"
+        )
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -161,7 +168,11 @@ def _cifar_folder(data: str | None) -> Path:
             f"extracted from {_CIFAR_URL}; see {DOCS}"
         )
     root = Path(data)
-    folder = root if (root / "train").exists() else root / "cifar-100-python"
+    nested = root / "cifar-100-python"
+    # The folder inside a parent given; else the path as given, so that a missing
+    # path is reported once, not as ".../cifar-100-python/cifar-100-python".
+    is_parent = nested.is_dir() or (root.is_dir() and root.name != nested.name)
+    folder = nested if is_parent and not (root / "train").exists() else root
     if not folder.is_dir():
         raise _missing("the 'cifar-100-python' folder (train, test, meta)", folder, _CIFAR_URL)
     return folder
@@ -418,7 +429,8 @@ def build_dataset(
         name: one of :func:`dataset_names` (``digits`` needs no files;
             ``finegrained`` is ``imagefolder`` with ``fine_grained=True``;
             ``miniimagenet`` is ``imagefolder``).
-        data: the dataset folder (ignored for ``digits``); see docs/DATASETS.md.
+        data: the dataset folder (None for ``digits``, which is bundled: a
+            folder given for it is an error); see docs/DATASETS.md.
         subset: keep ``subset`` evenly spaced samples (deterministic) of train
             and of test, to shrink a run.
         seed: accepted for a uniform call; every split here is fixed, so that

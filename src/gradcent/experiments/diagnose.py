@@ -26,6 +26,7 @@ from torch import nn
 from gradcent.core import centralize
 from gradcent.experiments.config import RunConfig
 from gradcent.experiments.plots import plot_grad_stats, plot_unit_means
+from gradcent.experiments.runfiles import load_torch_file
 from gradcent.experiments.train import make_loader, reproducible, resolve_device, seed_everything
 from gradcent.experiments.variants import build_optimizer, get_variant, model_options
 
@@ -85,8 +86,12 @@ def _model(cfg: RunConfig, data: Any, seed: int, variant: str = "baseline") -> n
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a ``train`` checkpoint (its ``"model"``) or a bare state_dict file."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Load a ``train`` checkpoint (its ``"model"``) or a bare state_dict file.
+
+    The file is read with ``weights_only=True``: one holding other Python
+    objects is refused unopened (a ``RunFileError`` naming it).
+    """
+    state = load_torch_file(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state)

@@ -21,6 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
+from gradcent.experiments.runfiles import load_torch_file
 from gradcent.experiments.ws import convert_to_ws
 
 NORMS = ("bn", "gn", "frozenbn", "none")
@@ -423,7 +424,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state_dict from a checkpoint file (bare, ``{"model": ...}`` or ``{"state_dict": ...}``)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"Pretrained checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # weights_only=True: tensors and plain values only, so opening the file runs no code.
+    ckpt = load_torch_file(path, what="pretrained checkpoint")
     for key in ("model", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]

@@ -7,7 +7,9 @@ DDP / FSDP) changes only :func:`make_loader` and the model it is given.
 Reproducibility: the model is built right after seeding torch, numpy and
 python's ``random``; each epoch's shuffle comes from its own generator seeded by
 ``(seed, epoch)``; every checkpoint holds the model, optimizer, scheduler, the
-RNG states and the history, so a resumed run continues bit for bit.
+RNG states and the history, so a resumed run continues bit for bit. Checkpoints
+hold only tensors and plain values and are read with ``weights_only=True``
+(:mod:`~gradcent.experiments.runfiles`): opening one never runs code.
 
 References:
     Yong et al., ECCV 2020, §5 (training protocols), Fig. 5 (curves per epoch).
@@ -33,6 +35,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from gradcent.experiments import distributed_run
 from gradcent.experiments.config import RunConfig
+from gradcent.experiments.runfiles import (
+    RunFileError,
+    load_torch_file,
+    read_json,
+    require_keys,
+    rng_state,
+    set_rng_state,
+)
 from gradcent.experiments.variants import (
     Variant,
     build_optimizer,
@@ -355,25 +365,6 @@ def _coco_ap(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
     return float(ev.stats[0]) * 100.0
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -396,10 +387,138 @@ def numeric_config(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
+# What train_run writes: a checkpoint may carry more fields (plain values or
+# dicts of tensors, e.g. per-rank buffers); these must be there.
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "epoch",
+    "history",
+    "variant",
+    "seed",
+    "config",
+)
+RESULT_KEYS = (
+    "variant",
+    "seed",
+    "finished",
+    "epochs",
+    "final",
+    "epoch_time",
+    "gc_time",
+    "gc_share",
+    "history",
+    "config",
+)
+
+
+def _saved_config(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The numeric config stored in a checkpoint or result (old files: defaults filled in)."""
+    try:
+        return numeric_config(RunConfig.from_dict(doc["config"]))
+    except (TypeError, ValueError) as err:
+        raise RunFileError(f"{path}: its 'config' is not a run config ({err})") from None
+
+
 def load_result(run_dir: str | Path) -> dict[str, Any] | None:
-    """The finished run's result, or None when the run has not finished."""
+    """The finished run's result, or None when the run has not finished.
+
+    Raises:
+        RunFileError: ``result.json`` is not valid JSON or not a complete result,
+            naming the file and what is wrong.
+
+    """
     path = Path(run_dir) / RESULT
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    result = require_keys(read_json(path, "result file"), RESULT_KEYS, path, "result file")
+    if not isinstance(result["final"], dict) or not isinstance(result["history"], list):
+        raise RunFileError(f"{path}: 'final' must be an object and 'history' a list")
+    _saved_config(result, path)
+    return result
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`train_run`, loaded safely (``weights_only=True``).
+
+    Raises:
+        RunFileError: unreadable, truncated, unsafe or incomplete, naming the file.
+
+    """
+    path = Path(path)
+    ckpt = load_torch_file(path, map_location)
+    require_keys(ckpt, CHECKPOINT_KEYS, path, "gradcent checkpoint")
+    _saved_config(ckpt, path)
+    return ckpt
+
+
+def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """``["lr 0.5 there, 0.02 here", ...]``: the numeric options that differ.
+
+    Args:
+        saved: a :func:`numeric_config` read back from a file.
+        cfg: the config of the command being run.
+
+    """
+    now = numeric_config(cfg)
+    return [
+        f"{k} {saved.get(k)!r} there, {now.get(k)!r} here"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+
+
+def _differences(doc: dict[str, Any], path: Path, cfg: RunConfig, variant: str, seed: int) -> str:
+    """What differs between a saved run and this one (``""`` when it is the same run)."""
+    diffs = config_differences(_saved_config(doc, path), cfg)
+    for key, value in (("variant", variant), ("seed", seed)):
+        if doc[key] != value:
+            diffs.append(f"{key} {doc[key]!r} there, {value!r} here")
+    return "; ".join(diffs)
+
+
+def check_run_dir(
+    run_dir: str | Path, cfg: RunConfig, variant: str, seed: int, map_location: Any = "cpu"
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Read what ``run_dir`` holds of this run; refuse another run's files.
+
+    Called before anything is written, so a refused command changes nothing on disk.
+
+    Args:
+        run_dir: the run's folder (it need not exist).
+        cfg: the config of the run about to be resumed.
+        variant: its variant.
+        seed: its seed.
+        map_location: where the checkpoint's tensors go.
+
+    Returns:
+        (the finished result, None), (None, the checkpoint to resume) or (None, None).
+
+    Raises:
+        ValueError: the folder holds a run of another config, variant or seed
+            (naming what differs); a :class:`RunFileError` for a bad file.
+
+    """
+    run_dir = Path(run_dir)
+    done = load_result(run_dir)
+    if done is not None:
+        if diff := _differences(done, run_dir / RESULT, cfg, variant, seed):
+            raise ValueError(
+                f"{run_dir} holds a finished run with a different config, variant or seed "
+                f"({diff}); use another --out"
+            )
+        return done, None
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None, None
+    ckpt = read_checkpoint(path, map_location)
+    if diff := _differences(ckpt, path, cfg, variant, seed):
+        raise ValueError(
+            f"Checkpoint {path} is from a different run ({diff}); remove it or use another --out"
+        )
+    return None, ckpt
 
 
 def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch.device):
@@ -482,7 +601,9 @@ def train_run(
         data: a ``datasets.DataSpec`` (built from ``cfg`` when None; pass it to
             share one dataset between the runs of a comparison).
         resume: continue from ``run_dir/checkpoint.pt`` when it exists (a
-            finished run is returned as is). The checkpoint's config must match.
+            finished run is returned as is). The checkpoint's config must match;
+            it is checked before anything is written, so a refusal leaves the
+            folder as it was. Checkpoints load with ``weights_only=True``.
         stop_after: stop after this many epochs in total (simulates an
             interruption; the result is then marked unfinished and not saved).
         log: called with one line per epoch; None for silence.
@@ -495,27 +616,21 @@ def train_run(
         the config.
 
     Raises:
-        ValueError: a checkpoint from a different config, or bad options.
+        ValueError: a checkpoint from a different config, or bad options;
+            :class:`~gradcent.experiments.runfiles.RunFileError` (a ValueError)
+            for an unreadable, corrupt or unsafe checkpoint or result.
 
     References:
         Yong et al., ECCV 2020, §5 and Fig. 5.
 
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     v = get_variant(variant)
-    if resume and (done := load_result(run_dir)) is not None:
-        if (
-            numeric_config(RunConfig.from_dict(done["config"])) != numeric_config(cfg)
-            or done["variant"] != variant
-            or done["seed"] != seed
-        ):
-            raise ValueError(
-                f"{run_dir} holds a finished run with a different config, variant "
-                "or seed; use another --out"
-            )
-        return done
     device = resolve_device(cfg.device)
+    # Every check before the first write: a refused run changes nothing on disk.
+    done, ckpt = check_run_dir(run_dir, cfg, variant, seed, device) if resume else (None, None)
+    if done is not None:
+        return done
     if data is None:
         from gradcent.experiments.datasets import build_dataset
 
@@ -525,26 +640,19 @@ def train_run(
     task = getattr(data, "task", "classification")
     collate = getattr(data, "collate_fn", None)
     ranks = distributed_run.current()
-    if ranks.is_main:
-        cfg.save(run_dir / "config.json")
     with reproducible(cfg.deterministic, cfg.threads):
         model, optimizer, scheduler, timer = _build(cfg, v, seed, data, device)
         history: list[dict[str, float]] = []
         start = 0
         ckpt_path = run_dir / CHECKPOINT
-        if resume and ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-            # Through RunConfig: options added since the checkpoint take their defaults.
-            saved = numeric_config(RunConfig.from_dict(ckpt["config"]))
-            if saved != numeric_config(cfg) or ckpt["variant"] != variant or ckpt["seed"] != seed:
-                raise ValueError(
-                    f"Checkpoint {ckpt_path} is from a different run (config, "
-                    "variant or seed differ); remove it or use another --out"
-                )
+        if ckpt is not None:
             ranks.load(model, optimizer, ckpt)  # saved under any world size
             scheduler.load_state_dict(ckpt["scheduler"])
-            _set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])
             history, start = ckpt["history"], ckpt["epoch"]
+        # Written once the data, model and --pretrained weights are known good.
+        if ranks.is_main:
+            cfg.save(run_dir / "config.json")  # creates run_dir
         batch = ranks.local_batch(cfg.batch_size)  # --batch-size is the global batch
         test_loader = make_loader(
             data.test,
@@ -595,7 +703,7 @@ def train_run(
                         "model": model_state,
                         "optimizer": optim_state,
                         "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(),
+                        "rng": rng_state(),
                         "epoch": epoch + 1,
                         "history": history,
                         "variant": variant,
