@@ -8,6 +8,8 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradcent
@@ -633,3 +635,121 @@ def test_inject_hyperparams_and_jitted_injected_updates(factory, kwargs):
     s_inj.hyperparams["learning_rate"] = jnp.asarray(0.0)  # injected values take effect
     u_zero, _ = step(grads, s_inj, params)
     np.testing.assert_allclose(u_zero["Dense_0"]["kernel"], 0.0, atol=1e-7)
+
+
+# Property: for random layer configurations, one plain SGD step's update is the
+# gradient centred over exactly the axes the layer contracts (its units' inputs).
+FLAX_EINSUMS = {  # equation -> (kernel shape, input shape without batch, contracted axes)
+    "abc,cd->abd": ((5, 4), (3, 5), (0,)),
+    "abc,cde->abde": ((5, 2, 3), (3, 5), (0,)),
+    "abcd,cde->abe": ((3, 2, 5), (4, 3, 2), (0, 1)),
+    "abc,bcd->ad": ((3, 5, 4), (3, 5), (0, 1)),
+}
+ATTENTION = {"query": (0,), "key": (0,), "value": (0,), "out": (0, 1)}
+
+
+@st.composite
+def _flax_layers(draw):
+    """(framework, make layer, input shape, {kernel owner: contracted axes}, stacked)."""
+    kind = draw(st.sampled_from(["dense", "general", "conv", "transpose", "einsum", "mha"]))
+    n, k = draw(st.integers(2, 4)), draw(st.integers(2, 3))
+    stacked = draw(st.booleans())
+    if kind == "dense":
+        layer = (lambda: linen.Dense(n + 1), lambda r: nnx.Linear(n, n + 1, rngs=r))
+        return layer, (n,), {"kernel": (0,)}, stacked
+    if kind == "general":
+        features = tuple(draw(st.lists(st.integers(2, 3), min_size=1, max_size=2)))
+        two = draw(st.booleans())  # contract the last one or two input axes
+        axis = (-2, -1) if two else (-1,)
+        in_features = (3, n) if two else (n,)
+        layer = (
+            lambda: linen.DenseGeneral(features, axis=axis),
+            lambda r: nnx.LinearGeneral(in_features, features, axis=axis, rngs=r),
+        )
+        return layer, (4, *in_features), {"kernel": (0, 1) if two else (0,)}, stacked
+    if kind == "conv":
+        rank = draw(st.sampled_from([1, 2]))
+        ks = (k,) * rank
+        layer = (lambda: linen.Conv(n + 1, ks), lambda r: nnx.Conv(n, n + 1, ks, rngs=r))
+        return layer, (5,) * rank + (n,), {"kernel": tuple(range(rank + 1))}, stacked
+    if kind == "transpose":
+        tk = draw(st.booleans())  # True: (k, k, out, in)
+        layer = (
+            lambda: linen.ConvTranspose(n + 1, (k, k), transpose_kernel=tk),
+            lambda r: nnx.ConvTranspose(n, n + 1, (k, k), transpose_kernel=tk, rngs=r),
+        )
+        return layer, (4, 4, n), {"kernel": (0, 1, 3) if tk else (0, 1, 2)}, stacked
+    if kind == "einsum":
+        eq = draw(st.sampled_from(sorted(FLAX_EINSUMS)))
+        shape, x_shape, axes = FLAX_EINSUMS[eq]
+        layer = (lambda: linen.Einsum(shape, eq), lambda r: nnx.Einsum(eq, shape, rngs=r))
+        return layer, x_shape, {"kernel": axes}, stacked
+    heads = draw(st.integers(1, 3))
+    layer = (
+        lambda: linen.MultiHeadDotProductAttention(num_heads=heads, qkv_features=2 * heads),
+        lambda r: nnx.MultiHeadAttention(heads, n, 2 * heads, decode=False, rngs=r),
+    )
+    return layer, (3, n), ATTENTION, stacked
+
+
+class _Step(linen.Module):
+    make: object
+
+    @linen.compact
+    def __call__(self, x, _):
+        return x, self.make()(x)
+
+
+class _Host(linen.Module):
+    make: object
+    stacked: bool
+
+    @linen.compact
+    def __call__(self, x):
+        if not self.stacked:
+            return self.make()(x)
+        scan = linen.scan(_Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return scan(self.make, name="layers")(x, None)[1]  # renamed: found from the shapes
+
+
+def _check_units(params, kinds, inputs, stacked):
+    grads = _offset_grads(params, seed=1)
+    tx = optax.chain(centralize(kinds=kinds), optax.sgd(1.0))
+    step = _leaves(tx.update(grads, tx.init(grads))[0])
+    g = _leaves(grads)
+    kernels = [p for p in g if p[-1] == "kernel"]
+    assert len(kernels) == len(inputs)
+    for path in kernels:
+        owner = path[-2] if len(inputs) > 1 else "kernel"
+        axes = tuple(a + stacked for a in inputs[owner])
+        u, raw = -np.asarray(step[path], np.float64), np.asarray(g[path], np.float64)
+        assert _sums(u, axes) < 1e-4, path
+        np.testing.assert_allclose(u, raw - raw.mean(axis=axes, keepdims=True), atol=1e-4)
+        for other in range(u.ndim):  # kept axes (stacking included) index units
+            if other not in axes and u.shape[other] > 1:
+                mixed = raw - raw.mean(axis=(*axes, other), keepdims=True)
+                assert np.abs(u - mixed).max() > 1e-2, (path, other)
+
+
+@settings(max_examples=12, derandomize=True, deadline=None)
+@given(_flax_layers())
+def test_property_flax_unit_sums_vanish_along_the_layer_inputs_only(case):
+    (make_linen, make_nnx), x_shape, inputs, stacked = case
+    x = jnp.ones((2, *x_shape))
+    if "query" in inputs:  # attention: (batch, length, features)
+        x = jnp.ones((2, 3, x_shape[-1]))
+    model = _Host(make_linen, stacked)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    _check_units(params, linen_kinds(model, x), inputs, int(stacked))
+
+    if stacked:
+
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return make_nnx(rngs)
+
+        layer = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    else:
+        layer = nnx.eval_shape(lambda: make_nnx(nnx.Rngs(0)))
+    _check_units(nnx.state(layer, nnx.Param), nnx_kinds(layer), inputs, int(stacked))
