@@ -19,7 +19,9 @@ embedding          (num, dim): excluded unless asked for
 other              biases, norm scales: never centralized
 tensor             unknown layer: ndim 2 is FC, ndim ≥ 3 is conv, output
                    axis 0 (torch) or last (the others)
-multi-axis dense  —                    (batch…, in…, out…)  (same, EinsumDense)
+multi-axis dense  —                    (batch…, in…, out…)  EinsumDense: its
+                                                            equation
+stacked           —                    (layers, …)         —
 =================  ===================  ==================  ==================
 
 Keras ``DepthwiseConv2D`` keeps one unit per (input channel, multiplier) pair,
