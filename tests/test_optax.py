@@ -637,6 +637,18 @@ def test_inject_hyperparams_and_jitted_injected_updates(factory, kwargs):
     np.testing.assert_allclose(u_zero["Dense_0"]["kernel"], 0.0, atol=1e-7)
 
 
+def test_inject_hyperparams_with_a_kinds_hook_as_a_static_arg():
+    x = jnp.ones((1, 3, 4))
+    variables = jax.eval_shape(Attention().init, jax.random.key(0), x)
+    grads = _offset_grads(variables)
+    kinds = linen_kinds(Attention(), x)
+    tx = optax.inject_hyperparams(sgd_gc, static_args=("kinds",))(0.1, momentum=0.0, kinds=kinds)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    u = _leaves(updates)
+    assert _sums(u[("params", "Einsum_0", "kernel")], (0,)) < 1e-4  # the model decided it
+    assert _sums(u[("params", "DenseGeneral_1", "kernel")], (0, 1)) < 1e-4
+
+
 # Property: for random layer configurations, one plain SGD step's update is the
 # gradient centred over exactly the axes the layer contracts (its units' inputs).
 FLAX_EINSUMS = {  # equation -> (kernel shape, input shape without batch, contracted axes)
