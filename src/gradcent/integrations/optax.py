@@ -8,8 +8,16 @@ for Dense, (kh, kw, in, out) for Conv), so it centres the wrong vectors.
 ``linear/w``), which layer it belongs to, and takes the axes from
 :mod:`gradcent.layouts`, i.e. the same rules as the PyTorch optimizers.
 
+Names cannot show everything: :func:`linen_kinds` and :func:`nnx_kinds` read the
+model instead, so that multi-axis kernels (attention, ``DenseGeneral``,
+``Einsum``: each output index tuple is a unit, the contracted axes its inputs),
+``ConvTranspose(transpose_kernel=True)`` and stacked layers (``nn.scan``,
+``nnx.vmap``: the stacking axis is never reduced) get the right axes.
+
 All decisions use static information (paths and shapes), made once at trace
-time: the transform is jit-compatible and never causes a retrace.
+time: the transform is jit-compatible and never causes a retrace. The paper's
+optimizers (:func:`sgd_gc`, :func:`adam_gc`, :func:`adamw_gc`) also accept
+``optax.inject_hyperparams``.
 
 References:
     Yong et al., ECCV 2020, Eq. 1 (GC), §3.4 (weight decay: P(g + λw)).
