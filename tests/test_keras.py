@@ -162,6 +162,9 @@ def test_gradient_centralization_wrapper_keeps_the_config():
     assert (config["momentum"], config["gc"], config["layout"]) == (0.8, "conv", "keras")
     assert float(_np(opt.learning_rate)) == pytest.approx(0.05)
     assert centralized(keras.optimizers.SGD) is GCSGD
+    # The backend's own class (torch: its foreach SGD) stays the base, whatever the entry.
+    assert issubclass(GCSGD, type(keras.optimizers.SGD()))
+    assert centralized(type(keras.optimizers.SGD())) is GCSGD
     with pytest.raises(TypeError, match="keras.Optimizer"):
         centralized(int)
     with pytest.raises(ValueError, match="Invalid GC mode"):
