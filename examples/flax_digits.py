@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
-from gradcent.integrations.optax import sgd_gc
+from gradcent.integrations.optax import linen_kinds, sgd_gc
 
 
 class DigitsCNN(nn.Module):
@@ -46,7 +46,9 @@ def train(gc: str, epochs: int, seed: int, lr: float = 0.05) -> dict:
     x, y, x_test, y_test = data()
     model = DigitsCNN()
     params = model.init(jax.random.key(seed), x[:1])
-    tx = sgd_gc(lr, momentum=0.9, weight_decay=5e-4, mode=None if gc == "none" else gc)
+    # kinds= lets the layers themselves (not their names) decide each kernel's axes.
+    kinds = linen_kinds(model, x[:1])
+    tx = sgd_gc(lr, momentum=0.9, weight_decay=5e-4, mode=None if gc == "none" else gc, kinds=kinds)
     state = tx.init(params)
 
     @jax.jit

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -76,6 +77,16 @@ def main() -> None:
         print(
             f"{w.path}: max |mean of (w_t - w_0)| per output unit / max |w_t - w_0| = {drift:.2e}"
         )
+
+    # The GC optimizer and its per-variable decisions are saved with the model:
+    # load_model needs no custom_objects once gradcent.integrations.keras is imported.
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(os.path.join(tmp, "digits.keras"))
+        loaded = keras.models.load_model(os.path.join(tmp, "digits.keras"))
+    same = [optimizer.gc_spec(w) for w in model.trainable_weights] == [
+        loaded.optimizer.gc_spec(w) for w in loaded.trainable_weights
+    ]
+    print(f"loaded back as {type(loaded.optimizer).__name__}, same GC decisions: {same}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,17 @@ from gradcent.core import centralize
 from gradcent.layouts import (
     LAYOUTS,
     check_layout,
+    einsum_inputs,
+    einsum_spec,
+    general_spec,
     infer_kind,
+    infer_spec,
     kernel_spec,
     layer_spec,
     output_axes,
+    stack_spec,
+    stacking_axes,
+    stacking_from_names,
 )
 from gradcent.rules import plan
 
@@ -160,3 +167,86 @@ def test_transposed_kernel_gives_the_same_centred_gradient(name, layout):
 )
 def test_infer_kind_from_default_names(names, ndim, kind):
     assert infer_kind(names, ndim) == kind
+
+
+# --- issue 12: multi-axis and stacked kernels ---
+
+
+@pytest.mark.parametrize(
+    "equation, dims",
+    [
+        ("abc,cde->abde", (0,)),  # Keras MHA q/k/v: (d_model, heads, head_dim)
+        ("abcd,cde->abe", (0, 1)),  # Keras MHA output: (heads, head_dim, d_model)
+        ("...b,bc->...c", (0,)),  # ellipsis in the input operand is fine
+        ("abc,bcd->ad", (0, 1)),
+        ("ab,cb->ac", (1,)),  # a (out, in) kernel: the contracted letter is second
+    ],
+)
+def test_einsum_contracted_axes_are_the_inputs(equation, dims):
+    assert einsum_inputs(equation) == dims
+    spec = einsum_spec(equation, len(equation.split(",")[1].split("->")[0]))
+    assert (spec.kind, spec.dims, spec.layer) == ("fc", dims, "einsum")
+
+
+def test_bad_einsum_equations_are_named():
+    with pytest.raises(ValueError, match="'abc,cd'"):
+        einsum_inputs("abc,cd")
+    with pytest.raises(ValueError, match="contracts no axis"):
+        einsum_inputs("ab,cd->abcd")
+    with pytest.raises(ValueError, match="3-D kernel, got a 2-D"):
+        einsum_spec("abc,cde->abde", 2)
+
+
+def test_general_and_stacked_specs():
+    assert general_spec(3, (-3,)).dims == (0,)
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        general_spec(3, (3,))
+    dense = layer_spec((4, 8), "dense", "flax")
+    assert stack_spec(dense, 3).dims == (1,)  # (layers, in, out)
+    assert stack_spec(dense, 4, (0, 1)).dims == (2,)  # two nested scans
+    assert stack_spec(dense, 3, (1,)).dims == (0,)  # variable_axes={"params": 1}
+    conv = layer_spec((3, 3, 4, 8), "conv", "flax")
+    assert stack_spec(conv, 5).dims == (1, 2, 3)
+    assert stack_spec(None, 3) is None
+    with pytest.raises(ValueError, match="stacking axes"):
+        stack_spec(dense, 3, (3,))
+    assert stacking_axes((6, 3, 3, 4, 8), (3, 3, 4, 8)) == (0,)
+    assert stacking_axes((4, 6, 8), (4, 8)) == (1,)
+    with pytest.raises(ValueError, match="declare"):
+        stacking_axes((4, 6, 8), (5, 8))
+
+
+@pytest.mark.parametrize(
+    "names, shape, dims",
+    [
+        (("params", "ScanBlock_0", "Dense_0", "kernel"), (4, 8, 8), (1,)),
+        (("params", "layers", "Dense_0", "kernel"), (4, 8, 8), (1,)),  # Dense is 2-D
+        (("params", "ScanBlock_0", "Conv_0", "kernel"), (4, 3, 3, 2, 8), (1, 2, 3)),
+        (("params", "Conv_0", "kernel"), (3, 3, 3, 2, 8), (0, 1, 2, 3)),  # Conv3D
+        (("params", "MultiHeadDotProductAttention_0", "query", "kernel"), (8, 2, 4), (0,)),
+        (("params", "MultiHeadDotProductAttention_0", "out", "kernel"), (2, 4, 8), (0, 1)),
+        (
+            ("params", "ScanB_0", "MultiHeadDotProductAttention_0", "out", "kernel"),
+            (3, 2, 4, 8),
+            (1, 2),
+        ),
+        (("multi_head_attention", "attention_output", "kernel"), (2, 4, 8), (0, 1)),
+        (("params", "DenseGeneral_0", "kernel"), (8, 2, 4), (0,)),
+        (("params", "mlp", "key", "kernel"), (8, 2, 4), (0, 1)),  # not under attention
+    ],
+)
+def test_infer_spec_from_names(names, shape, dims):
+    assert infer_spec(names, shape).dims == dims
+
+
+def test_declared_stacking_overrides_the_names():
+    names = ("params", "layers", "Conv_0", "kernel")
+    assert stacking_from_names(names, 5) == 0  # a renamed scan: conv rank unknown
+    assert stacking_from_names(names, 5, {"layers": 1}) == 1
+    assert (
+        stacking_from_names(("params", "ScanBlock_0", "Conv_0", "kernel"), 4, {"ScanBlock_0": 0})
+        == 0
+    )
+    assert infer_spec(names, (2, 3, 3, 4, 8), stacked=1).dims == (1, 2, 3)
+    with pytest.raises(ValueError, match="stacking axes declared"):
+        stacking_from_names(("layers", "Dense_0", "kernel"), 2, {"layers": 1})

@@ -8,6 +8,8 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradcent
@@ -19,6 +21,7 @@ from gradcent.integrations.optax import (
     centralize_array,
     infer_kind,
     leaf_spec,
+    linen_kinds,
     nnx_kinds,
     path_names,
     sgd_gc,
@@ -427,3 +430,338 @@ def test_nnx_optimizer_with_nnx_kinds_centres_transpose_kernel_units():
     assert _nnx_drift(use_kinds=True) < 1e-5
     # Path rules alone cannot see transpose_kernel=True: they centre the wrong axes.
     assert _nnx_drift(use_kinds=False) > 1e-3
+
+
+# --- issue 12: stacked, multi-axis and transposed kernels; inject_hyperparams ---
+
+
+def _one_sgd_step(tx, grads):
+    """The update of one plain step: with lr = 1 it is the transformed gradient."""
+    return tx.update(grads, tx.init(grads), grads)[0]
+
+
+def _leaves(tree):
+    return {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _offset_grads(variables, seed=0):
+    """A gradient for every leaf with a large mean, so that wrong axes show."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda v: jnp.asarray(rng.normal(size=v.shape) + 3.0, jnp.float32), variables
+    )
+
+
+def _sums(u, axes):
+    return np.abs(np.asarray(u, np.float64).sum(axis=tuple(axes))).max()
+
+
+class ScannedBlock(linen.Module):
+    @linen.compact
+    def __call__(self, x, _):
+        h = linen.Conv(4, (3, 3), padding="SAME")(x)
+        return linen.relu(linen.Dense(4)(h)), None
+
+
+class Scanned(linen.Module):
+    name_scan: str | None = None
+
+    @linen.compact
+    def __call__(self, x):
+        scan = linen.scan(
+            ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        return scan(name=self.name_scan)(x, None)[0]
+
+
+def test_stacked_linen_scan_kernels_are_centred_per_layer():
+    x = jnp.ones((2, 5, 5, 4))
+    variables = jax.eval_shape(Scanned().init, jax.random.key(0), x)
+    grads = _offset_grads(variables)
+    dense = ("params", "ScanScannedBlock_0", "Dense_0", "kernel")  # (layers, in, out)
+    conv = ("params", "ScanScannedBlock_0", "Conv_0", "kernel")  # (layers, k, k, in, out)
+    for tx in (centralize(), centralize(kinds=linen_kinds(Scanned(), x))):
+        u = _leaves(_one_sgd_step(tx, grads))
+        assert _sums(u[dense], (1,)) < 1e-4 and _sums(u[conv], (1, 2, 3)) < 1e-4
+        assert _sums(u[dense], (0,)) > 1.0 and _sums(u[conv], (0,)) > 1.0  # layers not mixed
+    # A renamed scan hides the autoname: Dense is known to be 2-D, the conv must be declared
+    named = jax.eval_shape(Scanned("layers").init, jax.random.key(0), x)
+    g = _offset_grads(named)
+    conv = ("params", "layers", "Conv_0", "kernel")
+    u = _leaves(_one_sgd_step(centralize(stacked={"layers": 1}), g))
+    assert _sums(u[conv], (1, 2, 3)) < 1e-4 and _sums(u[conv], (0,)) > 1.0
+    u = _leaves(_one_sgd_step(centralize(kinds=linen_kinds(Scanned("layers"), x)), g))
+    assert _sums(u[conv], (1, 2, 3)) < 1e-4 and _sums(u[conv], (0,)) > 1.0
+    u = _leaves(_one_sgd_step(centralize(), g))
+    assert _sums(u[("params", "layers", "Dense_0", "kernel")], (1,)) < 1e-4
+    with pytest.raises(ValueError, match="stacked"):
+        centralize(stacked=["layers"])
+
+
+class _NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(4, 6, rngs=rngs)
+        self.conv = nnx.Conv(2, 5, (3, 3), rngs=rngs)
+
+
+def test_stacked_nnx_vmap_kernels_are_centred_per_layer():
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return _NNXBlock(rngs)
+
+    model = make(nnx.Rngs(0))
+    assert model.proj.kernel[...].shape == (3, 4, 6)
+    state = nnx.state(model, nnx.Param)
+    u = _leaves(_one_sgd_step(centralize(kinds=nnx_kinds(model)), _offset_grads(state)))
+    assert _sums(u[("proj", "kernel")], (1,)) < 1e-4
+    assert _sums(u[("conv", "kernel")], (1, 2, 3)) < 1e-4
+    assert _sums(u[("proj", "kernel")], (0,)) > 1.0 and _sums(u[("conv", "kernel")], (0,)) > 1.0
+
+
+class Attention(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        x = linen.MultiHeadDotProductAttention(num_heads=2, qkv_features=6)(x)
+        x = linen.DenseGeneral((3, 2), axis=-1)(x)
+        x = linen.DenseGeneral(5, axis=(-2, -1))(x)
+        return linen.Einsum((5, 2, 3), "abc,cde->abde")(x)
+
+
+def test_linen_attention_and_general_kernels_use_their_contracted_axes():
+    x = jnp.ones((2, 3, 4))
+    variables = jax.eval_shape(Attention().init, jax.random.key(0), x)
+    grads = _offset_grads(variables)
+    att = ("params", "MultiHeadDotProductAttention_0")
+    expected = {  # path -> contracted axes (the unit's inputs)
+        (*att, "query", "kernel"): (0,),  # (d_model, heads, head_dim)
+        (*att, "key", "kernel"): (0,),
+        (*att, "value", "kernel"): (0,),
+        (*att, "out", "kernel"): (0, 1),  # (heads, head_dim, d_model)
+        ("params", "DenseGeneral_0", "kernel"): (0,),  # (4, 3, 2)
+        ("params", "DenseGeneral_1", "kernel"): (0, 1),  # (3, 2, 5)
+        ("params", "Einsum_0", "kernel"): (0,),  # "cde": c contracted
+    }
+    g = _leaves(grads)
+    u = _leaves(_one_sgd_step(centralize(kinds=linen_kinds(Attention(), x)), grads))
+    for path, axes in expected.items():
+        assert _sums(u[path], axes) < 1e-4, path
+        kept = tuple(a for a in range(g[path].ndim) if a not in axes)
+        assert _sums(u[path], kept) > 1.0, path  # each (head, dim) pair alone
+    # mode="conv" leaves attention alone, mode="fc" centres it; names alone know attention
+    names = _leaves(_one_sgd_step(centralize(), grads))
+    kinds = linen_kinds(Attention(), x)
+    conv_only = _leaves(_one_sgd_step(centralize("conv", kinds=kinds), grads))
+    conv_names = _leaves(_one_sgd_step(centralize("conv"), grads))
+    fc_only = _leaves(_one_sgd_step(centralize("fc", kinds=kinds), grads))
+    for path, axes in expected.items():
+        if path[1] != "Einsum_0":  # an einsum's equation is not in its name
+            assert _sums(names[path], axes) < 1e-4, path
+            np.testing.assert_array_equal(conv_names[path], g[path])
+        np.testing.assert_array_equal(conv_only[path], g[path])
+        assert _sums(fc_only[path], axes) < 1e-4, path
+
+
+class _NNXAttention(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(2, 4, qkv_features=6, decode=False, rngs=rngs)
+        self.mix = nnx.Einsum("abc,cde->abde", (6, 2, 3), rngs=rngs)
+        self.gen = nnx.LinearGeneral((2, 3), 5, axis=(-2, -1), rngs=rngs)
+
+
+def test_nnx_attention_einsum_and_linear_general_use_their_contracted_axes():
+    model = nnx.eval_shape(lambda: _NNXAttention(nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    grads = _offset_grads(state)
+    expected = {
+        ("attn", "query", "kernel"): (0,),
+        ("attn", "key", "kernel"): (0,),
+        ("attn", "value", "kernel"): (0,),
+        ("attn", "out", "kernel"): (0, 1),
+        ("mix", "kernel"): (0,),
+        ("gen", "kernel"): (0, 1),
+    }
+    u = _leaves(_one_sgd_step(centralize(kinds=nnx_kinds(model)), grads))
+    conv_only = _leaves(_one_sgd_step(centralize("conv", kinds=nnx_kinds(model)), grads))
+    g = _leaves(grads)
+    for path, axes in expected.items():
+        assert _sums(u[path], axes) < 1e-4, path
+        kept = tuple(a for a in range(g[path].ndim) if a not in axes)
+        assert _sums(u[path], kept) > 1.0, path
+        np.testing.assert_array_equal(conv_only[path], g[path])
+
+
+def test_linen_transpose_kernel_decided_from_the_model():
+    class Up(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.ConvTranspose(3, (2, 2), transpose_kernel=True)(x)
+
+    x = jnp.ones((1, 4, 4, 5))
+    variables = jax.eval_shape(Up().init, jax.random.key(0), x)
+    kernel = variables["params"]["ConvTranspose_0"]["kernel"]
+    assert kernel.shape == (2, 2, 3, 5)  # (k, k, out, in)
+    grads = _offset_grads(variables)
+    u = _leaves(_one_sgd_step(centralize(kinds=linen_kinds(Up(), x)), grads))
+    path = ("params", "ConvTranspose_0", "kernel")
+    assert _sums(u[path], (0, 1, 3)) < 1e-4 and _sums(u[path], (0, 1, 2)) > 1.0
+    # Names alone cannot see transpose_kernel: they assume the default (k, k, in, out).
+    assert leaf_spec(path, kernel, "all", "flax").dims == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs",
+    [
+        (sgd_gc, {"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 1e-2}),
+        (sgd_gc, {"learning_rate": 0.1, "momentum": 0.0}),
+        (adam_gc, {"learning_rate": 0.01, "weight_decay": 1e-2}),
+        (adamw_gc, {"learning_rate": 0.01, "weight_decay": 1e-2}),
+    ],
+)
+def test_inject_hyperparams_and_jitted_injected_updates(factory, kwargs):
+    params = {"Dense_0": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))}}
+    grads = _offset_grads(params)
+    plain = factory(**kwargs)
+    injected = optax.inject_hyperparams(factory)(**kwargs)
+    s_plain, s_inj = plain.init(params), injected.init(params)
+    step = jax.jit(injected.update)
+    for _ in range(3):
+        u_plain, s_plain = plain.update(grads, s_plain, params)
+        u_inj, s_inj = step(grads, s_inj, params)
+        np.testing.assert_allclose(
+            u_inj["Dense_0"]["kernel"], u_plain["Dense_0"]["kernel"], rtol=1e-5, atol=1e-6
+        )
+    assert _sums(u_inj["Dense_0"]["kernel"], (0,)) < 1e-4 or factory is not sgd_gc
+    s_inj.hyperparams["learning_rate"] = jnp.asarray(0.0)  # injected values take effect
+    u_zero, _ = step(grads, s_inj, params)
+    np.testing.assert_allclose(u_zero["Dense_0"]["kernel"], 0.0, atol=1e-7)
+
+
+def test_inject_hyperparams_with_a_kinds_hook_as_a_static_arg():
+    x = jnp.ones((1, 3, 4))
+    variables = jax.eval_shape(Attention().init, jax.random.key(0), x)
+    grads = _offset_grads(variables)
+    kinds = linen_kinds(Attention(), x)
+    tx = optax.inject_hyperparams(sgd_gc, static_args=("kinds",))(0.1, momentum=0.0, kinds=kinds)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    u = _leaves(updates)
+    assert _sums(u[("params", "Einsum_0", "kernel")], (0,)) < 1e-4  # the model decided it
+    assert _sums(u[("params", "DenseGeneral_1", "kernel")], (0, 1)) < 1e-4
+
+
+# Property: for random layer configurations, one plain SGD step's update is the
+# gradient centred over exactly the axes the layer contracts (its units' inputs).
+FLAX_EINSUMS = {  # equation -> (kernel shape, input shape without batch, contracted axes)
+    "abc,cd->abd": ((5, 4), (3, 5), (0,)),
+    "abc,cde->abde": ((5, 2, 3), (3, 5), (0,)),
+    "abcd,cde->abe": ((3, 2, 5), (4, 3, 2), (0, 1)),
+    "abc,bcd->ad": ((3, 5, 4), (3, 5), (0, 1)),
+}
+ATTENTION = {"query": (0,), "key": (0,), "value": (0,), "out": (0, 1)}
+
+
+@st.composite
+def _flax_layers(draw):
+    """(framework, make layer, input shape, {kernel owner: contracted axes}, stacked)."""
+    kind = draw(st.sampled_from(["dense", "general", "conv", "transpose", "einsum", "mha"]))
+    n, k = draw(st.integers(2, 4)), draw(st.integers(2, 3))
+    stacked = draw(st.booleans())
+    if kind == "dense":
+        layer = (lambda: linen.Dense(n + 1), lambda r: nnx.Linear(n, n + 1, rngs=r))
+        return layer, (n,), {"kernel": (0,)}, stacked
+    if kind == "general":
+        features = tuple(draw(st.lists(st.integers(2, 3), min_size=1, max_size=2)))
+        two = draw(st.booleans())  # contract the last one or two input axes
+        axis = (-2, -1) if two else (-1,)
+        in_features = (3, n) if two else (n,)
+        layer = (
+            lambda: linen.DenseGeneral(features, axis=axis),
+            lambda r: nnx.LinearGeneral(in_features, features, axis=axis, rngs=r),
+        )
+        return layer, (4, *in_features), {"kernel": (0, 1) if two else (0,)}, stacked
+    if kind == "conv":
+        rank = draw(st.sampled_from([1, 2]))
+        ks = (k,) * rank
+        layer = (lambda: linen.Conv(n + 1, ks), lambda r: nnx.Conv(n, n + 1, ks, rngs=r))
+        return layer, (5,) * rank + (n,), {"kernel": tuple(range(rank + 1))}, stacked
+    if kind == "transpose":
+        tk = draw(st.booleans())  # True: (k, k, out, in)
+        layer = (
+            lambda: linen.ConvTranspose(n + 1, (k, k), transpose_kernel=tk),
+            lambda r: nnx.ConvTranspose(n, n + 1, (k, k), transpose_kernel=tk, rngs=r),
+        )
+        return layer, (4, 4, n), {"kernel": (0, 1, 3) if tk else (0, 1, 2)}, stacked
+    if kind == "einsum":
+        eq = draw(st.sampled_from(sorted(FLAX_EINSUMS)))
+        shape, x_shape, axes = FLAX_EINSUMS[eq]
+        layer = (lambda: linen.Einsum(shape, eq), lambda r: nnx.Einsum(eq, shape, rngs=r))
+        return layer, x_shape, {"kernel": axes}, stacked
+    heads = draw(st.integers(1, 3))
+    layer = (
+        lambda: linen.MultiHeadDotProductAttention(num_heads=heads, qkv_features=2 * heads),
+        lambda r: nnx.MultiHeadAttention(heads, n, 2 * heads, decode=False, rngs=r),
+    )
+    return layer, (3, n), ATTENTION, stacked
+
+
+class _Step(linen.Module):
+    make: object
+
+    @linen.compact
+    def __call__(self, x, _):
+        return x, self.make()(x)
+
+
+class _Host(linen.Module):
+    make: object
+    stacked: bool
+
+    @linen.compact
+    def __call__(self, x):
+        if not self.stacked:
+            return self.make()(x)
+        scan = linen.scan(_Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return scan(self.make, name="layers")(x, None)[1]  # renamed: found from the shapes
+
+
+def _check_units(params, kinds, inputs, stacked):
+    grads = _offset_grads(params, seed=1)
+    tx = optax.chain(centralize(kinds=kinds), optax.sgd(1.0))
+    step = _leaves(tx.update(grads, tx.init(grads))[0])
+    g = _leaves(grads)
+    kernels = [p for p in g if p[-1] == "kernel"]
+    assert len(kernels) == len(inputs)
+    for path in kernels:
+        owner = path[-2] if len(inputs) > 1 else "kernel"
+        axes = tuple(a + stacked for a in inputs[owner])
+        u, raw = -np.asarray(step[path], np.float64), np.asarray(g[path], np.float64)
+        assert _sums(u, axes) < 1e-4, path
+        np.testing.assert_allclose(u, raw - raw.mean(axis=axes, keepdims=True), atol=1e-4)
+        for other in range(u.ndim):  # kept axes (stacking included) index units
+            if other not in axes and u.shape[other] > 1:
+                mixed = raw - raw.mean(axis=(*axes, other), keepdims=True)
+                assert np.abs(u - mixed).max() > 1e-2, (path, other)
+
+
+@settings(max_examples=12, derandomize=True, deadline=None)
+@given(_flax_layers())
+def test_property_flax_unit_sums_vanish_along_the_layer_inputs_only(case):
+    (make_linen, make_nnx), x_shape, inputs, stacked = case
+    x = jnp.ones((2, *x_shape))
+    if "query" in inputs:  # attention: (batch, length, features)
+        x = jnp.ones((2, 3, x_shape[-1]))
+    model = _Host(make_linen, stacked)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    _check_units(params, linen_kinds(model, x), inputs, int(stacked))
+
+    if stacked:
+
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return make_nnx(rngs)
+
+        layer = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    else:
+        layer = nnx.eval_shape(lambda: make_nnx(nnx.Rngs(0)))
+    _check_units(nnx.state(layer, nnx.Param), nnx_kinds(layer), inputs, int(stacked))

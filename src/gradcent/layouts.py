@@ -19,11 +19,20 @@ embedding          (num, dim): excluded unless asked for
 other              biases, norm scales: never centralized
 tensor             unknown layer: ndim 2 is FC, ndim ≥ 3 is conv, output
                    axis 0 (torch) or last (the others)
+multi-axis dense  —                    (batch…, in…, out…)  EinsumDense: its
+                                                            equation
+stacked           —                    (layers, …)         —
 =================  ===================  ==================  ==================
 
 Keras ``DepthwiseConv2D`` keeps one unit per (input channel, multiplier) pair,
 each spanning the spatial axes only. Flax ``ConvTranspose(transpose_kernel=True)``
 stores its kernel as (k…, out, in): decide it with ``layout="keras"``.
+
+Multi-axis dense kernels (Flax ``DenseGeneral``, attention q/k/v/out, ``Einsum``,
+Keras ``EinsumDense``) are dense layers whose output unit is each index tuple of
+the kept axes; the contracted axes are its inputs (:func:`general_spec`,
+:func:`einsum_spec`). Stacked layers (Linen ``nn.scan``, NNX ``nnx.vmap``) carry
+extra axes that index layers: those are never reduced (:func:`stack_spec`).
 
 References:
     Yong et al., ECCV 2020, §3.1 (Eq. 1: one mean per output unit) and §5.1.
@@ -33,7 +42,7 @@ References:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from gradcent.core import unit_size
@@ -67,6 +76,15 @@ _NOT_WEIGHTS = frozenset({"bias", "b", "scale", "offset", "gamma", "beta"})
 _EMBEDDINGS = frozenset({"embedding", "embeddings"})
 _KERNELS = frozenset({"kernel", "w", "weight"})
 _AUTONAME_SUFFIX = re.compile(r"_\d+$")
+# Linen's lifted transforms name their module class "Scan<Cls>" / "Vmap<Cls>";
+# with variable_axes={"params": 0} each adds one leading axis to every kernel below.
+_STACKING_AUTONAME = re.compile(r"^(Scan|Vmap)[A-Z]\w*_\d+$")
+# Attention projections: Flax/NNX ("query", "key", "value", "out") and Keras
+# ("attention_output") kernels under a module whose name says attention.
+_ATTENTION_IN = frozenset({"query", "key", "value"})
+_ATTENTION_OUT = frozenset({"out", "attention_output"})
+# Kinds whose unstacked kernel has a known number of dims (so any extra dims stack).
+_KIND_NDIM = {"dense": 2, "embedding": 2}
 
 
 def check_layout(layout: object) -> str:
@@ -180,6 +198,163 @@ def layer_spec(
     return Spec(MODE_KIND[kind], _all_but(ndim, -1), 1, kind)
 
 
+def mode_spec(spec: Spec | None, shape: Sequence[int], mode: str | None) -> Spec | None:
+    """Apply a GC mode and the M = 1 rule to a layer decision.
+
+    The same rule as :meth:`gradcent.rules.Plan.spec`: the spec's kind must be
+    in ``MODES[mode]``, and units of a single input (M = 1) are left alone so
+    that GC never freezes them.
+
+    Args:
+        spec: the layer decision (None: never centralized).
+        shape: the kernel's shape.
+        mode: ``"all"``, ``"conv"``, ``"fc"`` or None.
+
+    Returns:
+        ``spec`` or None.
+
+    Raises:
+        ValueError: for an unknown mode.
+
+    References:
+        Yong et al., ECCV 2020, §3.1 and §5.1 (GC vs GCC).
+
+    """
+    mode = check_mode(mode)
+    if mode is None or spec is None or spec.kind not in MODES[mode]:
+        return None
+    if unit_size(shape, spec.dims, spec.groups) <= 1:
+        return None
+    return spec
+
+
+def general_spec(ndim: int, inputs: Sequence[int], layer: str = "dense_general") -> Spec:
+    """A multi-axis dense kernel: the contracted ``inputs`` axes span one unit.
+
+    Every index tuple of the other axes (output features, and batch axes such
+    as ``DenseGeneral(batch_dims=...)``) is one output unit.
+
+    Args:
+        ndim: the kernel's number of dims.
+        inputs: the contracted axes (negative allowed).
+        layer: the layer name recorded in the spec.
+
+    Returns:
+        ``Spec("fc", inputs, 1, layer)`` with sorted non-negative axes.
+
+    Raises:
+        ValueError: for an axis outside the kernel or no axis at all.
+
+    Example:
+        >>> general_spec(3, (0, 1)).dims  # attention out: (heads, head_dim, d_model)
+        (0, 1)
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1 (the mean over one unit's inputs).
+
+    """
+    if not inputs or any(not -ndim <= d < ndim for d in inputs):
+        raise ValueError(f"Invalid input axes {tuple(inputs)} for a {ndim}-D kernel")
+    return Spec("fc", tuple(sorted({d % ndim for d in inputs})), 1, layer)
+
+
+def einsum_inputs(equation: str) -> tuple[int, ...]:
+    """The kernel axes an einsum contracts; the kernel is the second operand.
+
+    Args:
+        equation: e.g. ``"abc,cde->abde"`` (Flax ``Einsum``, Keras
+            ``EinsumDense``); the input operand may use ``...``, the kernel not.
+
+    Returns:
+        The positions, in the kernel, of the letters absent from the output.
+
+    Raises:
+        ValueError: for an equation without ``->``, without two operands, or
+            whose kernel uses ``...`` or contracts nothing.
+
+    Example:
+        >>> einsum_inputs("abcd,cde->abe")  # Keras attention output kernel
+        (0, 1)
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1.
+
+    """
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    operands = lhs.split(",")
+    if not arrow or len(operands) != 2 or "." in operands[1]:
+        raise ValueError(
+            f"Invalid einsum equation {equation!r} (expected 'input,kernel->output' "
+            "with an explicit kernel)"
+        )
+    inputs = tuple(i for i, c in enumerate(operands[1]) if c not in out)
+    if not inputs:
+        raise ValueError(f"The kernel of {equation!r} contracts no axis")
+    return inputs
+
+
+def einsum_spec(equation: str, ndim: int) -> Spec:
+    """The layer decision for an einsum kernel (output unit: each kept index tuple).
+
+    Args:
+        equation: see :func:`einsum_inputs`.
+        ndim: the kernel's number of dims (checked against the equation).
+
+    Returns:
+        ``Spec("fc", contracted axes, 1, "einsum")``.
+
+    Raises:
+        ValueError: for a bad equation or a kernel of another rank.
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1.
+
+    """
+    kernel = equation.replace(" ", "").partition("->")[0].split(",")[-1]
+    inputs = einsum_inputs(equation)
+    if len(kernel) != ndim:
+        raise ValueError(f"{equation!r} has a {len(kernel)}-D kernel, got a {ndim}-D one")
+    return general_spec(ndim, inputs, "einsum")
+
+
+def stack_spec(spec: Spec | None, ndim: int, axes: Sequence[int] = (0,)) -> Spec | None:
+    """Lift one layer's spec to a kernel stacked along ``axes`` (scan / vmap).
+
+    A stacked kernel holds one kernel per layer; the stacking axes index whole
+    layers, so they are never reduced: each layer's units are centred alone.
+
+    Args:
+        spec: the decision for one layer's (unstacked) kernel, or None.
+        ndim: the stacked kernel's number of dims.
+        axes: where the stacking axes sit in the stacked kernel.
+
+    Returns:
+        The spec on the stacked kernel (None stays None).
+
+    Raises:
+        ValueError: for stacking axes outside the kernel, or with ``groups > 1``
+            (the torch-layout ConvTranspose split needs axis 0).
+
+    Example:
+        >>> stack_spec(Spec("fc", (0,), 1, "dense"), 3).dims  # (layers, in, out)
+        (1,)
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1 (one mean per output unit).
+
+    """
+    stacked = {a % ndim for a in axes} if all(-ndim <= a < ndim for a in axes) else None
+    if stacked is None or len(stacked) != len(tuple(axes)):
+        raise ValueError(f"Invalid stacking axes {tuple(axes)} for a {ndim}-D kernel")
+    if spec is None or not stacked:
+        return spec
+    if spec.groups > 1:
+        raise ValueError("A grouped (torch-layout) ConvTranspose spec cannot be stacked")
+    kept = [d for d in range(ndim) if d not in stacked]
+    return Spec(spec.kind, tuple(kept[d] for d in spec.dims), 1, spec.layer)
+
+
 def kernel_spec(
     shape: Sequence[int],
     kind: str,
@@ -218,12 +393,7 @@ def kernel_spec(
 
     """
     mode = check_mode(mode)
-    spec = layer_spec(shape, kind, layout, groups, embeddings)
-    if mode is None or spec is None or spec.kind not in MODES[mode]:
-        return None
-    if unit_size(shape, spec.dims, spec.groups) <= 1:
-        return None
-    return spec
+    return mode_spec(layer_spec(shape, kind, layout, groups, embeddings), shape, mode)
 
 
 def output_axes(ndim: int, spec: Spec) -> tuple[int, ...]:
@@ -300,3 +470,155 @@ def infer_kind(names: Sequence[str], ndim: int) -> str:
         if kind is not None:
             return kind
     return "tensor"
+
+
+def _attention_role(names: Sequence[str]) -> str | None:
+    """``"in"`` for a q/k/v kernel, ``"out"`` for the output one, by names."""
+    if len(names) < 3 or names[-1].lower() not in _KERNELS:
+        return None
+    proj, owner = names[-2].lower(), names[-3].lower()
+    if "attention" not in owner:
+        return None
+    return "in" if proj in _ATTENTION_IN else "out" if proj in _ATTENTION_OUT else None
+
+
+def stacking_from_names(
+    names: Sequence[str], ndim: int, declared: Mapping[str, int] | None = None
+) -> int:
+    """How many leading axes of a kernel index stacked layers, from its path.
+
+    ``declared`` maps module names to the leading axes each adds to every
+    kernel below it (``{"layers": 1}``); a path through a declared module takes
+    the sum of its entries. Otherwise: a Dense/Embed kernel is 2-D and an
+    attention projection 3-D, so any extra leading axes stack layers; other
+    kernels get one axis per Linen ``nn.scan``/``nn.vmap`` autoname above them
+    (``ScanBlock_0``), since ``variable_axes={"params": 0}`` is the common case.
+
+    Args:
+        names: the kernel's path, outermost first.
+        ndim: its number of dims.
+        declared: explicit stacking per module name.
+
+    Returns:
+        The number of leading stacking axes (0 for an unstacked kernel).
+
+    Raises:
+        ValueError: if the declared axes leave fewer than two dims.
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1 (each layer's units alone).
+
+    """
+    if declared and any(n in declared for n in names[:-1]):
+        count = sum(declared.get(n, 0) for n in names[:-1])
+        if ndim - count < 2 and infer_kind(names, ndim) not in ("other",):
+            raise ValueError(
+                f"{count} stacking axes declared for a {ndim}-D leaf {'/'.join(names)}"
+            )
+        return count
+    kind = infer_kind(names, ndim)
+    if _attention_role(names) is not None:
+        return max(ndim - 3, 0)
+    if kind in _KIND_NDIM:
+        return max(ndim - _KIND_NDIM[kind], 0)
+    scans = sum(1 for n in names[:-1] if _STACKING_AUTONAME.match(n))
+    return min(scans, max(ndim - 2, 0))
+
+
+def infer_spec(
+    names: Sequence[str],
+    shape: Sequence[int],
+    layout: str = "flax",
+    embeddings: bool = False,
+    stacked: int | None = None,
+) -> Spec | None:
+    """The layer decision for one parameter from its path (names) and shape.
+
+    :func:`infer_kind` plus what names can tell beyond a kind: stacked layers
+    (:func:`stacking_from_names`), attention projections (q/k/v kernels
+    (d_model, heads, head_dim) contract axis 0; the output kernel (heads,
+    head_dim, d_model) contracts axes 0 and 1) and ``DenseGeneral`` with its
+    default ``axis=-1`` (contracts axis 0). Anything the names cannot show
+    (``DenseGeneral(axis=...)``, ``Einsum``, ``ConvTranspose(transpose_kernel=
+    True)``) needs the model: see the integrations' ``kinds`` hooks.
+
+    Args:
+        names: the parameter's path, outermost first.
+        shape: its shape in ``layout``.
+        layout: one of :data:`LAYOUTS`.
+        embeddings: give embedding tables a spec.
+        stacked: leading stacking axes (None: :func:`stacking_from_names`).
+
+    Returns:
+        The spec before any mode is applied, or None.
+
+    Example:
+        >>> infer_spec(("params", "ScanBlock_0", "Dense_0", "kernel"), (4, 8, 8)).dims
+        (1,)
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1 and §5.1.
+
+    """
+    layout = check_layout(layout)
+    ndim = len(shape)
+    n = stacking_from_names(names, ndim) if stacked is None else stacked
+    inner = tuple(shape[n:])
+    kind = infer_kind(names, len(inner))
+    role = _attention_role(names) if layout != "torch" else None
+    if kind == "other":
+        spec = None
+    elif role is not None and len(inner) == 3:
+        spec = general_spec(3, (0,) if role == "in" else (0, 1), "attention")
+    elif layout != "torch" and len(inner) >= 2 and _is_dense_general(names):
+        spec = general_spec(len(inner), (0,), "dense_general")
+    else:
+        spec = layer_spec(inner, kind, layout, embeddings=embeddings)
+    return stack_spec(spec, ndim, tuple(range(n)))
+
+
+def _is_dense_general(names: Sequence[str]) -> bool:
+    """A ``kernel`` under a ``DenseGeneral_*`` / ``LinearGeneral_*`` autoname."""
+    if len(names) < 2 or names[-1].lower() not in _KERNELS:
+        return False
+    base = _AUTONAME_SUFFIX.sub("", names[-2]).lower().replace("_", "")
+    return base in ("densegeneral", "lineargeneral")
+
+
+def stacking_axes(shape: Sequence[int], inner: Sequence[int]) -> tuple[int, ...]:
+    """Where a stacked kernel's extra axes sit, given one layer's kernel shape.
+
+    Leading axes (``variable_axes={"params": 0}``, ``nnx.vmap`` with
+    ``out_axes=0``) are taken when they fit; otherwise a single stacking axis is
+    looked for at the one position where removing it leaves ``inner``.
+
+    Args:
+        shape: the stacked kernel's shape.
+        inner: one layer's kernel shape (what the layer itself describes).
+
+    Returns:
+        The stacking axes (empty when ``shape == inner``).
+
+    Raises:
+        ValueError: when ``inner`` cannot be found in ``shape`` unambiguously
+            (declare the stacking explicitly then).
+
+    Example:
+        >>> stacking_axes((6, 3, 3, 4, 8), (3, 3, 4, 8))
+        (0,)
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1 (each layer's units alone).
+
+    """
+    shape, inner = tuple(shape), tuple(inner)
+    n = len(shape) - len(inner)
+    if n >= 0 and shape[n:] == inner:
+        return tuple(range(n))
+    found = [p for p in range(len(shape)) if n == 1 and shape[:p] + shape[p + 1 :] == inner]
+    if len(found) != 1:
+        raise ValueError(
+            f"Cannot tell the stacking axes of a {shape} kernel whose layer holds {inner}: "
+            "declare them (stacked=... or a kinds hook returning stack_spec(...))"
+        )
+    return tuple(found)

@@ -8,8 +8,16 @@ for Dense, (kh, kw, in, out) for Conv), so it centres the wrong vectors.
 ``linear/w``), which layer it belongs to, and takes the axes from
 :mod:`gradcent.layouts`, i.e. the same rules as the PyTorch optimizers.
 
+Names cannot show everything: :func:`linen_kinds` and :func:`nnx_kinds` read the
+model instead, so that multi-axis kernels (attention, ``DenseGeneral``,
+``Einsum``: each output index tuple is a unit, the contracted axes its inputs),
+``ConvTranspose(transpose_kernel=True)`` and stacked layers (``nn.scan``,
+``nnx.vmap``: the stacking axis is never reduced) get the right axes.
+
 All decisions use static information (paths and shapes), made once at trace
-time: the transform is jit-compatible and never causes a retrace.
+time: the transform is jit-compatible and never causes a retrace. The paper's
+optimizers (:func:`sgd_gc`, :func:`adam_gc`, :func:`adamw_gc`) also accept
+``optax.inject_hyperparams``.
 
 References:
     Yong et al., ECCV 2020, Eq. 1 (GC), §3.4 (weight decay: P(g + λw)).
@@ -19,7 +27,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,8 +36,33 @@ import jax.numpy as jnp
 import optax
 
 from gradcent.core import unit_size
-from gradcent.layouts import check_kind, check_layout, infer_kind, kernel_spec, layer_spec
-from gradcent.rules import MODES, Spec, check_mode
+from gradcent.layouts import (
+    check_kind,
+    check_layout,
+    einsum_spec,
+    general_spec,
+    infer_kind,
+    infer_spec,
+    layer_spec,
+    mode_spec,
+    stack_spec,
+    stacking_axes,
+    stacking_from_names,
+)
+from gradcent.rules import Spec, check_mode
+
+__all__ = [
+    "adam_gc",
+    "adamw_gc",
+    "centralize",
+    "centralize_array",
+    "infer_kind",
+    "leaf_spec",
+    "linen_kinds",
+    "nnx_kinds",
+    "path_names",
+    "sgd_gc",
+]
 
 Path = tuple[str, ...]
 KindFn = Callable[[Path, Any], "str | Spec | None"]
@@ -106,6 +140,7 @@ def leaf_spec(
     layout: str,
     kinds: KindFn | None = None,
     embeddings: bool = False,
+    stacked: Mapping[str, int] | None = None,
 ) -> Spec | None:
     """The GC decision for one leaf (a path and an array or shape-carrying leaf).
 
@@ -115,9 +150,12 @@ def leaf_spec(
         mode: ``"all"``, ``"conv"``, ``"fc"`` or None.
         layout: kernel layout, see :data:`gradcent.layouts.LAYOUTS`.
         kinds: optional override ``(names, leaf) -> kind | Spec | None``;
-            None means "infer from the path"
-            (:func:`gradcent.layouts.infer_kind`).
+            a Spec is taken as is (on the full, possibly stacked, shape), a kind
+            is applied after the stacking axes, None means "decide from the
+            path" (:func:`gradcent.layouts.infer_spec`).
         embeddings: centralize embedding tables too.
+        stacked: ``{module name: leading stacking axes}`` declared by the user
+            (see :func:`gradcent.layouts.stacking_from_names`).
 
     Returns:
         The spec to centralize with, or None.
@@ -129,20 +167,29 @@ def leaf_spec(
     shape = tuple(leaf.shape)
     decided = kinds(names, leaf) if kinds is not None else None
     if isinstance(decided, Spec):
-        # A hand-written spec still obeys the mode and the M = 1 rule.
-        ok = mode is not None and decided.kind in MODES[mode]
-        return decided if ok and unit_size(shape, decided.dims, decided.groups) > 1 else None
-    kind = check_kind(decided) if decided is not None else infer_kind(names, len(shape))
-    return kernel_spec(shape, kind, layout, mode, embeddings=embeddings)
+        spec = decided  # a hand-written spec still obeys the mode and M = 1
+    elif decided is not None:
+        kind = check_kind(decided)
+        n = stacking_from_names(names, len(shape), stacked) if kind != "other" else 0
+        inner = layer_spec(shape[n:], kind, layout, embeddings=embeddings)
+        spec = stack_spec(inner, len(shape), tuple(range(n)))
+    else:
+        n = stacking_from_names(names, len(shape), stacked)
+        spec = infer_spec(names, shape, layout, embeddings, stacked=n)
+    return mode_spec(spec, shape, mode)
 
 
 def _centralize_tree(
-    mode: str | None, layout: str, kinds: KindFn | None, embeddings: bool
+    mode: str | None,
+    layout: str,
+    kinds: KindFn | None,
+    embeddings: bool,
+    stacked: Mapping[str, int] | None,
 ) -> optax.GradientTransformation:
     """The unmasked transform: every leaf decided by :func:`leaf_spec`."""
 
     def one(path, g):
-        spec = leaf_spec(path_names(path), g, mode, layout, kinds, embeddings)
+        spec = leaf_spec(path_names(path), g, mode, layout, kinds, embeddings, stacked)
         return g if spec is None else centralize_array(g, spec.dims, spec.groups)
 
     def update_fn(updates, state, params=None):
@@ -158,6 +205,7 @@ def centralize(
     mask: Any = None,
     kinds: KindFn | None = None,
     embeddings: bool = False,
+    stacked: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """Gradient Centralization with per-layer output axes, for ``optax.chain``.
 
@@ -172,9 +220,13 @@ def centralize(
         kinds: optional ``(path_names, leaf) -> kind | Spec | None`` deciding a
             leaf's layer kind (one of :data:`gradcent.layouts.KINDS`) or its
             exact spec; None falls back to the path rules of
-            :func:`gradcent.layouts.infer_kind`.
-            See :func:`nnx_kinds` for Flax NNX models.
+            :func:`gradcent.layouts.infer_spec`. :func:`linen_kinds` and
+            :func:`nnx_kinds` decide every leaf from the model itself.
         embeddings: centralize embedding tables too (off by default).
+        stacked: ``{module name: number of leading axes}`` for modules whose
+            parameters are stacked along leading axes that the path rules do
+            not detect (``nn.scan(..., name="layers")`` over convs:
+            ``{"layers": 1}``; ``{"ScanBlock_0": 0}`` for broadcast params).
 
     Returns:
         A stateless ``optax.GradientTransformation``.
@@ -190,29 +242,62 @@ def centralize(
 
     """
     mode, layout = check_mode(mode), check_layout(layout)
-    inner = _centralize_tree(mode, layout, kinds, embeddings)
+    if stacked is not None and not isinstance(stacked, Mapping):
+        raise ValueError(f"Invalid stacked: {stacked!r} (expected a {{module name: axes}} dict)")
+    inner = _centralize_tree(mode, layout, kinds, embeddings, stacked)
     return inner if mask is None else optax.masked(inner, mask)
+
+
+def _coupled_decay(weight_decay: Any) -> list[optax.GradientTransformation]:
+    """λw added before centralizing; absent for None or a Python zero.
+
+    An array (``optax.inject_hyperparams`` passes one, traced under ``jit``)
+    always gets the term: its value cannot be tested in Python.
+    """
+    if weight_decay is None or (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        return []
+    return [optax.add_decayed_weights(weight_decay)]
+
+
+def _momentum(momentum: Any) -> Any:
+    """optax.sgd's ``momentum``: None for a Python zero, an array as is (traceable)."""
+    if isinstance(momentum, (int, float)):
+        return momentum or None
+    return momentum
 
 
 def sgd_gc(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float = 0.9,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     mode: str | None = "all",
     layout: str = "flax",
-    **gc: Any,
+    *,
+    mask: Any = None,
+    kinds: KindFn | None = None,
+    embeddings: bool = False,
+    stacked: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """SGD(M) with GC and coupled L2 decay: ĝ = P(g + λw), then momentum.
+
+    Works under ``optax.inject_hyperparams`` (``learning_rate``, ``momentum``
+    and ``weight_decay`` injected, traced inside ``jit``); a ``kinds`` callable
+    must then be named in ``static_args`` (inject_hyperparams takes callables
+    for schedules).
 
     Args:
         learning_rate: a scalar or an optax schedule.
         momentum: heavy-ball momentum (0 for plain SGD).
         nesterov: Nesterov momentum.
-        weight_decay: λ of the L2 term added *before* centralizing (§3.4).
+        weight_decay: λ of the L2 term added *before* centralizing (§3.4);
+            None or 0: no term. Any other value needs ``params`` in ``update``.
         mode: see :func:`centralize`.
         layout: see :func:`centralize`.
-        **gc: ``mask``, ``kinds``, ``embeddings`` for :func:`centralize`.
+        mask: see :func:`centralize`.
+        kinds: see :func:`centralize`.
+        embeddings: see :func:`centralize`.
+        stacked: see :func:`centralize`.
 
     Returns:
         An ``optax.GradientTransformation``.
@@ -221,11 +306,10 @@ def sgd_gc(
         Yong et al., ECCV 2020, Algorithm 1 and §3.4.
 
     """
-    decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     return optax.chain(
-        *decay,
-        centralize(mode, layout, **gc),
-        optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+        *_coupled_decay(weight_decay),
+        centralize(mode, layout, mask, kinds, embeddings, stacked),
+        optax.sgd(learning_rate, momentum=_momentum(momentum), nesterov=nesterov),
     )
 
 
@@ -234,22 +318,32 @@ def adam_gc(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     mode: str | None = "all",
     layout: str = "flax",
-    **gc: Any,
+    *,
+    mask: Any = None,
+    kinds: KindFn | None = None,
+    embeddings: bool = False,
+    stacked: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """Adam with GC and coupled L2 decay: ĝ = P(g + λw) feeds Adam's moments.
+
+    Works under ``optax.inject_hyperparams``, like :func:`sgd_gc`.
 
     Args:
         learning_rate: a scalar or an optax schedule.
         b1: as ``optax.adam``.
         b2: as ``optax.adam``.
         eps: as ``optax.adam``.
-        weight_decay: λ of the L2 term added *before* centralizing (§3.4).
+        weight_decay: λ of the L2 term added *before* centralizing (§3.4);
+            None or 0: no term.
         mode: see :func:`centralize`.
         layout: see :func:`centralize`.
-        **gc: ``mask``, ``kinds``, ``embeddings`` for :func:`centralize`.
+        mask: see :func:`centralize`.
+        kinds: see :func:`centralize`.
+        embeddings: see :func:`centralize`.
+        stacked: see :func:`centralize`.
 
     Returns:
         An ``optax.GradientTransformation``.
@@ -258,10 +352,9 @@ def adam_gc(
         Yong et al., ECCV 2020, Algorithm 2 and §3.4.
 
     """
-    decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     return optax.chain(
-        *decay,
-        centralize(mode, layout, **gc),
+        *_coupled_decay(weight_decay),
+        centralize(mode, layout, mask, kinds, embeddings, stacked),
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
     )
 
@@ -275,9 +368,15 @@ def adamw_gc(
     mode: str | None = "all",
     layout: str = "flax",
     decay_mask: Any = None,
-    **gc: Any,
+    *,
+    mask: Any = None,
+    kinds: KindFn | None = None,
+    embeddings: bool = False,
+    stacked: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with GC: Adam on P(g), decoupled decay λw added after (not centred).
+
+    Works under ``optax.inject_hyperparams``, like :func:`sgd_gc`.
 
     Args:
         learning_rate: a scalar or an optax schedule.
@@ -288,7 +387,10 @@ def adamw_gc(
         mode: see :func:`centralize`.
         layout: see :func:`centralize`.
         decay_mask: ``optax.adamw``'s ``mask`` for the decay.
-        **gc: ``mask``, ``kinds``, ``embeddings`` for :func:`centralize`.
+        mask: see :func:`centralize`.
+        kinds: see :func:`centralize`.
+        embeddings: see :func:`centralize`.
+        stacked: see :func:`centralize`.
 
     Returns:
         An ``optax.GradientTransformation``.
@@ -298,26 +400,70 @@ def adamw_gc(
 
     """
     return optax.chain(
-        centralize(mode, layout, **gc),
+        centralize(mode, layout, mask, kinds, embeddings, stacked),
         optax.adamw(
             learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask
         ),
     )
 
 
+def _tuple(x: Any) -> tuple:
+    """An int or a sequence as a tuple (Flax's ``features``/``axis`` arguments)."""
+    return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+def _stacked(spec: Spec | None, shape: Sequence[int], inner: Sequence[int]) -> Spec | None:
+    """A layer's spec on its (possibly stacked) parameter."""
+    return stack_spec(spec, len(shape), stacking_axes(shape, inner))
+
+
+def _nnx_layer(node: Any) -> tuple[tuple[int, ...], Spec | None] | None:
+    """(one layer's kernel shape, its spec) for a known NNX layer, else None."""
+    from flax import nnx
+
+    if isinstance(node, nnx.LinearGeneral):  # (batch…, in…, out…); MultiHeadAttention
+        nb, ni = len(node.batch_axis), len(node.in_features)
+        inner = (*node.batch_axis.values(), *node.in_features, *node.out_features)
+        return inner, general_spec(len(inner), tuple(range(nb, nb + ni)), "dense_general")
+    if isinstance(node, nnx.Linear):
+        inner = (node.in_features, node.out_features)
+        return inner, layer_spec(inner, "dense", "flax")
+    if isinstance(node, nnx.Einsum):
+        inner = tuple(node.kernel_shape)
+        return inner, einsum_spec(node.einsum_str, len(inner))
+    if isinstance(node, nnx.ConvTranspose):
+        # transpose_kernel=True stores (k…, out, in), the Keras layout.
+        layout = "keras" if node.transpose_kernel else "flax"
+        inner = tuple(node.kernel_shape)
+        return inner, layer_spec(inner, "conv_transpose", layout)
+    if isinstance(node, nnx.Conv):
+        inner = tuple(node.kernel_shape)
+        return inner, layer_spec(inner, "conv", "flax")
+    return None
+
+
 def nnx_kinds(model: Any) -> KindFn:
-    """Layer kinds of a Flax NNX model's parameters, read from the model itself.
+    """Layer decisions for a Flax NNX model's parameters, read from the model.
 
     NNX parameter paths carry attribute names (``("head", "kernel")``), not
     layer types, so the path rules cannot tell a ``Linear`` named ``head`` from
-    anything else. This walks the model graph once and records the type of the
-    module owning each ``kernel``/``embedding``.
+    anything else. This walks the model graph once and decides each
+    ``kernel`` from its owner's own description: ``Linear``, ``Conv``,
+    ``ConvTranspose`` (``transpose_kernel``), ``LinearGeneral`` and so
+    ``MultiHeadAttention`` (``in_features``/``out_features``/``batch_axis``:
+    the contracted axes are the inputs), ``Einsum`` (its equation), ``Embed``.
+    A kernel larger than its layer describes was stacked by ``nnx.vmap``: the
+    extra axes index layers and are never reduced.
 
     Args:
-        model: an ``flax.nnx.Module``.
+        model: an ``flax.nnx.Module`` (``nnx.eval_shape`` ones too).
 
     Returns:
         A ``kinds`` callable for :func:`centralize`.
+
+    Raises:
+        ValueError: from the callable, when a stacked kernel's stacking axes
+            cannot be told apart from its own.
 
     References:
         Yong et al., ECCV 2020, §5.1.
@@ -327,21 +473,108 @@ def nnx_kinds(model: Any) -> KindFn:
 
     owners: dict[Path, Any] = {}
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, (nnx.Linear, nnx.Conv, nnx.ConvTranspose, nnx.Embed)):
+        if isinstance(node, nnx.Module):
             owners[tuple(str(p) for p in path)] = node
 
     def kinds(names: Path, leaf: Any) -> str | Spec | None:
-        node = owners.get(names[:-1])
+        node = owners.get(tuple(names[:-1]))
         if node is None:
             return None
         if isinstance(node, nnx.Embed):
             return "embedding" if names[-1] == "embedding" else "other"
+        layer = _nnx_layer(node)
+        if layer is None:
+            return None
         if names[-1] != "kernel":
             return "other"
-        if isinstance(node, nnx.ConvTranspose):
-            # transpose_kernel=True stores (k…, out, in), the Keras layout.
-            layout = "keras" if node.transpose_kernel else "flax"
-            return layer_spec(leaf.shape, "conv_transpose", layout)
-        return "conv" if isinstance(node, nnx.Conv) else "dense"
+        return _stacked(layer[1], leaf.shape, layer[0])
+
+    return kinds
+
+
+def _linen_layer(module: Any, args: tuple, kwargs: dict) -> Spec | None:
+    """The spec of a Linen layer's unstacked kernel, from its attributes."""
+    import flax.linen as nn
+
+    kernel = module.variables.get("params", {}).get("kernel")
+    if kernel is None:
+        return None
+    inner = tuple(kernel.shape)  # inside nn.scan / nn.vmap: one layer's slice
+    if isinstance(module, nn.DenseGeneral):  # (batch…, in…, features…); attention
+        nb, ni = len(_tuple(module.batch_dims)), len(_tuple(module.axis))
+        return general_spec(len(inner), tuple(range(nb, nb + ni)), "dense_general")
+    if isinstance(module, nn.Dense):
+        return layer_spec(inner, "dense", "flax")
+    if isinstance(module, nn.Einsum):
+        equation = args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
+        return einsum_spec(equation, len(inner))
+    if isinstance(module, nn.ConvTranspose):
+        layout = "keras" if module.transpose_kernel else "flax"  # (k…, out, in) if True
+        return layer_spec(inner, "conv_transpose", layout)
+    if isinstance(module, nn.Conv):
+        return layer_spec(inner, "conv", "flax")
+    return None
+
+
+def linen_kinds(model: Any, *args: Any, **kwargs: Any) -> KindFn:
+    """Layer decisions for a Flax Linen model's parameters, read from the model.
+
+    Runs ``model.init`` abstractly (``jax.eval_shape``: nothing is computed)
+    on the given inputs, records every layer as it is called, and decides each
+    ``kernel`` from the layer's own description: ``Dense``, ``Conv``,
+    ``ConvTranspose`` (``transpose_kernel=True`` holds (k…, out, in)),
+    ``DenseGeneral`` and so ``MultiHeadDotProductAttention`` (``axis`` /
+    ``batch_dims``: the contracted axes are the inputs), ``Einsum`` (its
+    equation). Parameters of ``nn.scan`` / ``nn.vmap`` layers are larger than
+    what the layer saw: those extra axes index layers and are never reduced.
+
+    Args:
+        model: a ``flax.linen.Module``.
+        *args: example inputs for ``model.init`` (shapes matter, not values).
+        **kwargs: keyword inputs for ``model.init``.
+
+    Returns:
+        A ``kinds`` callable for :func:`centralize`, for the ``params`` tree
+        (with or without its top-level ``"params"`` key).
+
+    Example:
+        >>> tx = sgd_gc(0.1, kinds=linen_kinds(model, x))  # doctest: +SKIP
+
+    References:
+        Yong et al., ECCV 2020, §5.1.
+
+    """
+    import flax.linen as nn
+
+    layers: dict[Path, tuple[Spec | None, tuple[int, ...]]] = {}
+    embeds: set[Path] = set()
+
+    def record(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
+        module = context.module
+        if context.method_name == "__call__" and module.scope is not None:
+            path = tuple(module.scope.path)
+            if isinstance(module, nn.Embed):
+                embeds.add(path)
+            spec = _linen_layer(module, call_args, call_kwargs)
+            if spec is not None:
+                layers[path] = (spec, tuple(module.variables["params"]["kernel"].shape))
+        return out
+
+    key = jax.random.key(0)
+    rngs = {"params": key, "dropout": key}
+    with nn.intercept_methods(record):
+        jax.eval_shape(functools.partial(model.init, **kwargs), rngs, *args)
+
+    def kinds(names: Path, leaf: Any) -> str | Spec | None:
+        owner = tuple(names[1:-1]) if names[:1] == ("params",) else tuple(names[:-1])
+        if owner in embeds:
+            return "embedding" if names[-1] == "embedding" else "other"
+        if owner not in layers:
+            return None
+        if names[-1] != "kernel":
+            return "other"
+        spec, inner = layers[owner]
+        return _stacked(spec, leaf.shape, inner)
 
     return kinds
