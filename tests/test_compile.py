@@ -127,3 +127,31 @@ def test_channels_last_model_trains_like_contiguous(cls):
         results.append([p.detach().contiguous() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["step", "train_step"])
+def test_compiled_sgdw_keeps_its_decoupled_decay(how):
+    # Issue 11.1: SGDW used to zero group["weight_decay"] for the parent's step and
+    # restore it in a `finally` that a compiled step lost: decay 0 for good.
+    eager_model, compiled_model = _net(), _net()
+    x, y = _data()
+    kw = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}
+    eager = _train_step(eager_model, gradcent.SGDW(eager_model.parameters(), **kw), x, y)
+    opt_c = gradcent.SGDW(compiled_model.parameters(), **kw)
+    dynamo.reset()
+    if how == "step":
+        compiled_opt_step = torch.compile(opt_c.step, backend="aot_eager")
+
+        def compiled():
+            opt_c.zero_grad()
+            nn.functional.cross_entropy(compiled_model(x), y).backward()
+            compiled_opt_step()
+    else:
+        compiled = torch.compile(_train_step(compiled_model, opt_c, x, y), backend="aot_eager")
+    for _ in range(3):
+        eager()
+        compiled()
+        assert opt_c.param_groups[0]["weight_decay"] == 0.1
+    assert opt_c.state_dict()["param_groups"][0]["weight_decay"] == 0.1
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

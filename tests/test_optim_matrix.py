@@ -382,3 +382,22 @@ def test_the_reference_is_not_vacuous():
         _set_grads(m_naive, grads)
         opt.step()
     assert not torch.allclose(m_gc.lin.weight, m_naive.lin.weight, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sgdw_shrink_is_skipped_with_the_step_when_the_scaler_finds_inf(fused):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    opt = gradcent.SGDW([w], lr=0.1, weight_decay=0.5, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    scaler.scale(torch.ones(()))  # what scaler.scale(loss) sets up
+    w.grad = torch.full_like(w, float("inf"))
+    w0 = w.detach().clone()
+    scaler.step(opt)  # finds inf: skips step (fused=False) or hands found_inf to it
+    torch.testing.assert_close(w.detach(), w0, rtol=0, atol=0)
+    scaler.update()  # halves the scale
+    g = torch.randn(3, 4)
+    w.grad = g * scaler.get_scale()
+    scaler.step(opt)  # a finite step shrinks, then steps on P(g)
+    expected = w0 * (1 - 0.1 * 0.5) - 0.1 * gradcent.centralize(g)
+    torch.testing.assert_close(w.detach(), expected)

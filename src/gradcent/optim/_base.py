@@ -34,7 +34,7 @@ class GCMixin:
     """Adds ``gc=`` / ``model=`` handling and a GC-aware ``step``.
 
     Subclasses call :meth:`_init_gc` after their parent's ``__init__`` and may
-    override :meth:`_pre_update` (SGDW applies its decoupled decay there).
+    override :meth:`_torch_step` (SGDW applies its decoupled decay there).
     """
 
     _torch_base: type[torch.optim.Optimizer]
@@ -111,8 +111,9 @@ class GCMixin:
         """``"default"``, ``"fused"``, ``"blocked"`` or ``"native"``: how :meth:`step` runs."""
         return self.defaults.get("impl", "default")
 
-    def _pre_update(self) -> None:
-        """Hook for subclasses: runs after GC, before the parent's update."""
+    def _torch_step(self) -> None:
+        """The parent's update on the (centred) gradients; SGDW overrides it."""
+        _unhooked(self._torch_base.step)(self)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -142,8 +143,7 @@ class GCMixin:
             return loss
         self._gc.before(self)
         try:
-            self._pre_update()
-            _unhooked(self._torch_base.step)(self)
+            self._torch_step()
         finally:
             self._gc.after(self)
         return loss
