@@ -275,3 +275,88 @@ def test_fused_grad_scaler_path_folds_decay_at_the_right_scale(cls):
         _train(mb, b, 1, start=step)
     for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- decay forms
+
+
+def _torch_optimizers():
+    """Every optimizer class torch.optim exports (the list grows with torch versions)."""
+    out = []
+    for name in torch.optim.__all__:
+        cls = getattr(torch.optim, name)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            if cls is not torch.optim.Optimizer:
+                out.append(cls)
+    return out
+
+
+def _one_step(cls, grad_of, maximize=False, **kw):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3))
+    if maximize:
+        kw["maximize"] = True
+    opt = cls([w], lr=0.1, **kw)
+    for _ in range(2):  # RAdam's first step is the same under both forms
+        w.grad = grad_of(w.detach())
+        opt.step()
+    return w.detach(), opt
+
+
+def _decay_form(cls, **extra):
+    """What torch does with weight_decay, measured: "coupled" (adds λw to the gradient) or not.
+
+    Steps with weight_decay=λ on a zero gradient equal steps with no decay on
+    the gradient λw exactly when the decay is coupled L2; maximize=True (where
+    the optimizer has it) must flip the sign as the fold assumes.
+    """
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if "weight_decay" not in params:
+        return "none"
+    lam = 0.1
+    with_wd, opt = _one_step(cls, torch.zeros_like, weight_decay=lam, **extra)
+    as_grad, _ = _one_step(cls, lambda w: lam * w, weight_decay=0.0, **extra)
+    if not torch.allclose(with_wd, as_grad, rtol=1e-6, atol=1e-7):
+        return "other"
+    if "maximize" in params:
+        with_wd, _ = _one_step(cls, torch.zeros_like, True, weight_decay=lam, **extra)
+        as_grad, _ = _one_step(cls, lambda w: -lam * w, True, weight_decay=0.0, **extra)
+        assert torch.allclose(with_wd, as_grad, rtol=1e-6, atol=1e-7), cls
+    return "coupled"
+
+
+@pytest.mark.parametrize("cls", _torch_optimizers(), ids=lambda c: c.__name__)
+def test_coupled_decay_list_agrees_with_what_torch_computes(cls):
+    # Issue 11.5: Adadelta adds λw to the gradient but was missing from the list,
+    # so it got P(g) + λw instead of the paper's P(g + λw).
+    import inspect
+
+    from gradcent.optim._engine import has_coupled_decay
+
+    form = _decay_form(cls)
+    w = nn.Parameter(torch.randn(4, 3))
+    kw = {"weight_decay": 0.1} if form != "none" else {}
+    opt = cls([w], lr=0.1, **kw)
+    assert has_coupled_decay(opt, opt.param_groups[0]) == (form == "coupled")
+    if "decoupled_weight_decay" in inspect.signature(cls).parameters:
+        assert _decay_form(cls, decoupled_weight_decay=True) == "other"
+        opt = cls([w], lr=0.1, weight_decay=0.1, decoupled_weight_decay=True)
+        assert not has_coupled_decay(opt, opt.param_groups[0])
+
+
+def test_adadelta_gets_the_papers_rule():
+    torch.manual_seed(0)
+    # Small values, so that Adadelta's update is nearly linear in ĝ (ε dominates).
+    w0, g = torch.randn(4, 3) * 1e-2, torch.randn(4, 3) * 1e-3
+    w = nn.Parameter(w0.clone())
+    opt = torch.optim.Adadelta([w], lr=1.0, weight_decay=0.1)
+    gradcent.attach(opt)
+    w.grad = g.clone()
+    opt.step()
+    ref = nn.Parameter(w0.clone())
+    ref_opt = torch.optim.Adadelta([ref], lr=1.0)
+    ref.grad = centralize(g + 0.1 * w0)  # P(g + λw), then no further decay
+    ref_opt.step()
+    torch.testing.assert_close(w.detach() - w0, ref.detach() - w0, rtol=1e-5, atol=1e-12)

@@ -29,10 +29,15 @@ from torch import Tensor
 from gradcent.core import centralize, centralize_
 from gradcent.rules import Plan
 
-# Optimizers whose weight_decay adds λw to the gradient before anything else.
+# Optimizers whose weight_decay adds λw to the gradient before anything else
+# (read off torch's source; tests/test_attach.py classifies every torch.optim
+# optimizer numerically and fails when this list disagrees). Not here: AdamW,
+# Adafactor and Muon shrink w (decoupled); LBFGS, Rprop and SparseAdam have no
+# weight_decay.
 COUPLED_DECAY: tuple[type, ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
+    torch.optim.Adadelta,
     torch.optim.Adagrad,
     torch.optim.RMSprop,
     torch.optim.NAdam,
