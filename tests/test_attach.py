@@ -360,3 +360,48 @@ def test_adadelta_gets_the_papers_rule():
     ref.grad = centralize(g + 0.1 * w0)  # P(g + λw), then no further decay
     ref_opt.step()
     torch.testing.assert_close(w.detach() - w0, ref.detach() - w0, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------- centralize_now
+
+
+def _clip_setup(named):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    if named:
+        opt = gradcent.SGD(model.parameters(), lr=0.1, model=model)
+        return model, opt, opt.centralize_grads
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, gradcent.attach(opt, model).centralize_now
+
+
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("zero", ["optimizer", "module", "none"])
+def test_a_backward_after_centralize_now_is_centred_at_the_step(named, zero):
+    # Issue 11.6: attach's pending mark survived zero_grad(set_to_none=False) (the
+    # same tensor, zeroed in place), so the step skipped GC on the new gradient.
+    model, opt, centralize_now = _clip_setup(named)
+    x = torch.randn(4, 6)
+    model(x).pow(2).sum().backward()
+    centralize_now()
+    if zero == "optimizer":
+        opt.zero_grad(set_to_none=False)
+    elif zero == "module":
+        model.zero_grad(set_to_none=False)  # the optimizer cannot see this one
+    g_before = model.weight.grad.clone()
+    (model(x) * torch.arange(3.0)).sum().backward()
+    g = model.weight.grad.clone()  # accumulated onto P(g1) without zeroing: P g is still right
+    w = model.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), w - 0.1 * centralize(g))
+    if zero != "none":
+        assert g_before.abs().max() == 0
+
+
+def test_centralize_now_hooks_are_removed_by_the_step():
+    model, opt, centralize_now = _clip_setup(False)
+    model(torch.randn(4, 6)).sum().backward()
+    centralize_now()
+    assert model.weight._post_accumulate_grad_hooks
+    opt.step()
+    assert not model.weight._post_accumulate_grad_hooks

@@ -83,6 +83,10 @@ class Centralizer:
         # Gradients already centred by centralize_now(), keyed by id(param): the
         # next step leaves them as they are (the user may have clipped them).
         self._pending: dict[int, weakref.ref] = {}
+        # A backward into a pending gradient (after zero_grad(set_to_none=False),
+        # which keeps the tensor, or without zeroing) makes it new again: these
+        # post-accumulate hooks drop its mark, whoever zeroed it.
+        self._pending_hooks: list[Any] = []
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
@@ -100,7 +104,8 @@ class Centralizer:
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer) -> None:
         """Centralize gradients (folding coupled decay) or snapshot weights."""
-        done, self._pending = self._pending, {}
+        done = self._pending
+        self.discard_pending()
         self._snapshots.clear()
         native = _uses_native(optimizer)
         for group in optimizer.param_groups:
@@ -130,15 +135,16 @@ class Centralizer:
         folds coupled decay as λ·P(w), so the update uses clip(P g) + λ·P(w) =
         P(clip(P g) + λw) for norm clipping: decay is folded once, at the step, is
         not clipped (as in torch, where decay is added inside the step). A
-        gradient replaced after this call (a new backward after
-        ``zero_grad(set_to_none=True)``) is centralized by the step as usual.
+        gradient replaced or accumulated into after this call (a backward after
+        any ``zero_grad``, the optimizer's or the module's, or none) is
+        centralized by the step as usual.
         """
         if self.where != "gradient":
             raise ValueError(
                 "centralize_now() needs where='gradient'; with where='update' GC projects "
                 "the update after the step, so clipping order does not matter"
             )
-        self._pending = {}
+        self.discard_pending()
         native = _uses_native(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
@@ -151,8 +157,20 @@ class Centralizer:
                 spec = self._spec(gplan, p)
                 if spec is not None:
                     todo.append((p.grad, spec))
-                    self._pending[id(p)] = weakref.ref(p.grad)
+                    self._mark_pending(p)
             self._centralize_all_(todo, native)
+
+    def _mark_pending(self, p: Tensor) -> None:
+        self._pending[id(p)] = weakref.ref(p.grad)
+        if p.requires_grad:
+            pending = self._pending
+            key = id(p)
+
+            def forget(_p: Tensor) -> None:
+                # this call's dict, so that a late hook never touches a newer one
+                pending.pop(key, None)
+
+            self._pending_hooks.append(p.register_post_accumulate_grad_hook(forget))
 
     @staticmethod
     def _centralize_all_(todo: list[tuple[Tensor, Any]], native: bool) -> None:
@@ -171,6 +189,9 @@ class Centralizer:
     def discard_pending(self) -> None:
         """Forget a :meth:`centralize_now` whose step never came (zero_grad, skipped step)."""
         self._pending = {}
+        for h in self._pending_hooks:
+            h.remove()
+        self._pending_hooks = []
 
     def _fold_decay(
         self,
@@ -236,7 +257,7 @@ class Centralizer:
     def reset(self) -> None:
         """Drop the weight snapshots and pending gradients of an unfinished step."""
         self._snapshots.clear()
-        self._pending = {}
+        self.discard_pending()
 
 
 def _uses_native(optimizer: torch.optim.Optimizer) -> bool:
