@@ -405,3 +405,65 @@ def test_centralize_now_hooks_are_removed_by_the_step():
     assert model.weight._post_accumulate_grad_hooks
     opt.step()
     assert not model.weight._post_accumulate_grad_hooks
+
+
+# ---------------------------------------------------------------- copies
+
+
+def _tnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 5 * 5, 3)
+    )
+
+
+def _copy(opt, how):
+    if how == "deepcopy":
+        return copy.deepcopy(opt)
+    buf = io.BytesIO()
+    if how == "pickle":
+        import pickle
+
+        pickle.dump(opt, buf)
+        buf.seek(0)
+        return pickle.load(buf)
+    torch.save(opt, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _copy_step(opt, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in (q for g in opt.param_groups for q in g["params"]):
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, m: gradcent.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1, model=m),
+        lambda ps, m: gradcent.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, model=m),
+        lambda ps, m: gradcent.Adam(ps, lr=0.1, weight_decay=0.1, model=m, exclude=["2.*"]),
+        lambda ps, m: gradcent.AdamW(ps, model=m, gc="conv", impl="blocked"),
+        lambda ps, m: gradcent.Adagrad(ps, weight_decay=0.1, model=m),
+    ],
+    ids=["SGD", "SGDW", "Adam-exclude", "AdamW-blocked", "Adagrad"],
+)
+def test_a_copied_optimizer_steps_exactly_like_the_original(make, how):
+    # Issue 11.7: torch copies only defaults/state/param_groups, so a copy had no
+    # plan: AttributeError '_gc'. The plan must follow, keyed by the copy's params.
+    model = _tnet()
+    opt = make(list(model.parameters()), model)
+    _copy_step(opt, 0)
+    twin = _copy(opt, how)
+    assert twin.param_groups[0]["params"][0] is not opt.param_groups[0]["params"][0]
+    assert [r[3] for r in twin._gc.plan.describe()] == [r[3] for r in opt._gc.plan.describe()]
+    for seed in (1, 2):
+        _copy_step(opt, seed)
+        _copy_step(twin, seed)
+    mine = [p for g in opt.param_groups for p in g["params"]]
+    theirs = [p for g in twin.param_groups for p in g["params"]]
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.equal(a, b)

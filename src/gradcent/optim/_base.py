@@ -59,10 +59,18 @@ class GCMixin:
             param_group["gc"] = check_mode(param_group["gc"])
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups: copy.deepcopy,
+        # pickle and torch.save(opt) must carry the GC plan too.
+        return {**super().__getstate__(), "_gc": self._gc}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("gc", self.defaults.get("gc"))
+        if "_gc" not in self.__dict__:  # pickled before the plan was kept: bare-tensor rules
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._gc = Centralizer(plan(None, self.defaults.get("gc"), params=params))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's; a plain torch.optim state (no ``"gc"`` key) keeps this GC mode."""
