@@ -367,6 +367,11 @@ def _row(
     return [step_size, 1 - beta1, beta2, 1 - beta2, group["eps"], l2, bc2_sqrt, mul]
 
 
+# Inside a compiled train step Dynamo graph-breaks here and runs this step as in
+# eager mode, calling its own compiled kernels: traced inline, it recompiled at
+# every step and drifted from the eager result (5.7e-3 after three AdamW steps,
+# measured on torch 2.14; docs/TRAINING_LOOPS.md).
+@torch.compiler.disable
 @torch.no_grad()
 def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") -> None:
     """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, fused and compiled.
