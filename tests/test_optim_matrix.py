@@ -401,3 +401,29 @@ def test_sgdw_shrink_is_skipped_with_the_step_when_the_scaler_finds_inf(fused):
     scaler.step(opt)  # a finite step shrinks, then steps on P(g)
     expected = w0 * (1 - 0.1 * 0.5) - 0.1 * gradcent.centralize(g)
     torch.testing.assert_close(w.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "cls", [gradcent.SGD, gradcent.SGDW, gradcent.Adam, gradcent.AdamW, gradcent.Adagrad]
+)
+def test_named_optimizers_take_torchs_exact_signature(cls):
+    # Issue 11.10: gradcent.Adagrad refused foreach as torch's 7th positional argument.
+    import inspect
+
+    theirs = inspect.signature(cls._torch_base).parameters
+    ours = inspect.signature(cls).parameters
+    positional = [n for n, p in theirs.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [n for n, p in ours.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in ours.values())
+    for name, p in theirs.items():
+        if name in ours:
+            assert ours[name].default == p.default, name
+        else:  # a keyword-only option passed through **kwargs
+            assert p.kind is p.KEYWORD_ONLY and has_var_kw, name
+    # every positional argument by position, as torch takes it
+    w = nn.Parameter(torch.randn(3, 4))
+    args = [theirs[n].default for n in positional[1:]]
+    if cls is gradcent.Adagrad:
+        args[-1] = True  # foreach=True, torch's 7th positional
+    opt = cls([w], *args)
+    assert opt.param_groups[0]["foreach"] is (True if cls is gradcent.Adagrad else None)
