@@ -66,10 +66,10 @@ def fused_state(
     optimizer, kind: str, group: dict[str, Any], p: Tensor
 ) -> tuple[list[Tensor], bool]:
     """Torch's fused state of ``p`` (made if missing), and whether SGD's buffer is new."""
+    if kind == "sgd" and not group["momentum"]:
+        return [], False  # no state at all, as torch's SGD (reading it would add {})
     state = optimizer.state[p]
     if kind == "sgd":
-        if not group["momentum"]:
-            return [], False
         buf = state.get("momentum_buffer")
         if buf is None:
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)

@@ -329,10 +329,10 @@ def _state_tensors(
 
     Returns the tensors the kernel updates, and whether the state was just made.
     """
+    if kind == "sgd" and not group["momentum"]:
+        return [], False  # no state at all, as torch's SGD (reading it would add {})
     state = optimizer.state[p]
     if kind == "sgd":
-        if not group["momentum"]:
-            return [], False
         first = state.get("momentum_buffer") is None
         if first:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
