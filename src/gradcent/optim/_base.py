@@ -19,7 +19,7 @@ from torch import nn
 
 from gradcent.optim._blocked import blocked_step, check_blocked_options
 from gradcent.optim._engine import Centralizer
-from gradcent.optim._fused import check_fused_options, check_impl, fused_step
+from gradcent.optim._fused import check_fused_options, check_impl, check_params, fused_step
 from gradcent.optim._native import load as load_native
 from gradcent.optim._native import native_step
 from gradcent.rules import Selector, check_mode, plan
@@ -58,6 +58,12 @@ class GCMixin:
         if "gc" in param_group:
             param_group["gc"] = check_mode(param_group["gc"])
         super().add_param_group(param_group)
+        if self.impl != "default":  # the constructor checked the first groups
+            try:
+                check_params(self, self.impl, self.param_groups[-1]["params"])
+            except ValueError:
+                self.param_groups.pop()
+                raise
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults, state and param_groups: copy.deepcopy,

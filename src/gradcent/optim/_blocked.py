@@ -43,7 +43,9 @@ from gradcent.optim._fused import check_options, kernel_kind
 
 
 def check_blocked_options(optimizer: torch.optim.Optimizer, impl: str = "blocked") -> None:
-    """Reject ``capturable`` / ``differentiable`` and optimizers without a kernel.
+    """Reject unsupported options, optimizers and (complex, DTensor) parameters.
+
+    ``capturable`` / ``differentiable`` must be off; parameters are named.
 
     Args:
         optimizer: a gradcent SGD, SGDW, Adam or AdamW.

@@ -117,11 +117,16 @@ class Centralizer:
 
     def _spec(self, gplan: Plan, p: Tensor):
         spec = gplan.spec(p)
-        if spec is not None and p.grad is not None and p.grad.is_sparse:
-            raise ValueError(
-                f"Parameter {gplan.name(p)!r} has a sparse gradient: GC is defined for dense "
-                "weight gradients; exclude it (exclude=...) or use a dense layer"
-            )
+        if spec is not None and p.grad is not None:
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"Parameter {gplan.name(p)!r} has a sparse gradient: GC is defined for "
+                    "dense weight gradients; exclude it (exclude=...) or use a dense layer"
+                )
+            if _is_expanded(p.grad):
+                # An expanded (stride-0) gradient, which torch's optimizers accept,
+                # cannot be centred in place: GC works on a copy that becomes p.grad.
+                p.grad = p.grad.contiguous()
         return spec
 
     @torch.no_grad()
@@ -292,3 +297,8 @@ def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:
     """True when ``p.grad`` is the very tensor centralize_now() centred."""
     ref = done.get(id(p))
     return ref is not None and ref() is p.grad
+
+
+def _is_expanded(t: Tensor) -> bool:
+    """True when several elements of ``t`` share memory (a stride 0 over a size > 1)."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))

@@ -91,6 +91,34 @@ def check_options(
         for key in unsupported:
             if group.get(key):
                 raise ValueError(f"impl={impl!r} does not support {key}=True")
+        check_params(optimizer, impl, group["params"])
+
+
+def check_params(optimizer: torch.optim.Optimizer, impl: str, params: list[Tensor]) -> None:
+    """Refuse, naming the parameter, what a non-default impl cannot step.
+
+    Complex parameters (the kernels are real-valued; ``impl="default"`` centres
+    each unit over its complex entries, real and imaginary parts together) and,
+    for ``"blocked"`` / ``"native"``, DTensor (FSDP2) parameters.
+
+    Raises:
+        ValueError: naming the parameter, its type and what to use instead.
+
+    """
+    gc = getattr(optimizer, "_gc", None)
+    for p in params:
+        if not p.is_complex() and not (impl != "fused" and _is_dtensor(p)):
+            continue
+        name = gc.plan.name(p) if gc is not None else f"<tensor {tuple(p.shape)}>"
+        if p.is_complex():
+            raise ValueError(
+                f"impl={impl!r} does not support complex parameters: {name!r} is {p.dtype}; "
+                "use impl='default', which centres each unit over its complex entries"
+            )
+        raise ValueError(
+            f"impl={impl!r} does not support DTensor (FSDP2) parameters: {name!r} is a "
+            "DTensor; use impl='default' or 'fused'"
+        )
 
 
 def check_fused_options(optimizer: torch.optim.Optimizer) -> None:
