@@ -25,16 +25,22 @@ def _batches():
     return [(torch.randn(4, 6, generator=gen), torch.randn(4, 3, generator=gen)) for _ in range(4)]
 
 
-def test_attach_to_an_accelerated_optimizer_centres_each_real_step(accelerator):
+@pytest.mark.parametrize("how", ["attach", "named"])
+def test_an_accelerated_optimizer_centres_each_real_step(accelerator, how):
     # Issue 11.9: attach raised AttributeError '_optimizer_step_pre_hooks' on the
     # AcceleratedOptimizer that Accelerator.prepare returns.
     torch.manual_seed(0)
     model = nn.Linear(6, 3)
     ref_w, ref_b = model.weight.detach().clone(), model.bias.detach().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    model, opt = accelerator.prepare(model, opt)
-    handle = gradcent.attach(opt, model)
-    assert handle.optimizer is opt.optimizer
+    kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
+    if how == "named":
+        opt = gradcent.SGD(model.parameters(), model=model, **kw)
+        model, opt = accelerator.prepare(model, opt)
+    else:
+        opt = torch.optim.SGD(model.parameters(), **kw)
+        model, opt = accelerator.prepare(model, opt)
+        handle = gradcent.attach(opt, model)
+        assert handle.optimizer is opt.optimizer
     for x, y in _batches():
         with accelerator.accumulate(model):
             loss = nn.functional.mse_loss(model(x), y)
