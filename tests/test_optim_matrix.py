@@ -446,8 +446,8 @@ def test_an_expanded_gradient_steps_like_its_dense_copy(impl, wd):
         for o in opts:
             o.step()
     # native steps the dense one in C++ and hands the expanded one to the blocked path
-    exact = impl == "default"
-    torch.testing.assert_close(dense, expanded, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7)
+    tol = {"rtol": 0, "atol": 0} if impl == "default" else {"rtol": 1e-6, "atol": 1e-7}
+    torch.testing.assert_close(dense, expanded, **tol)
     assert not torch.equal(dense.detach(), w0)
 
 
