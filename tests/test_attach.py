@@ -275,3 +275,195 @@ def test_fused_grad_scaler_path_folds_decay_at_the_right_scale(cls):
         _train(mb, b, 1, start=step)
     for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- decay forms
+
+
+def _torch_optimizers():
+    """Every optimizer class torch.optim exports (the list grows with torch versions)."""
+    out = []
+    for name in torch.optim.__all__:
+        cls = getattr(torch.optim, name)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            if cls is not torch.optim.Optimizer:
+                out.append(cls)
+    return out
+
+
+def _one_step(cls, grad_of, maximize=False, **kw):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3))
+    if maximize:
+        kw["maximize"] = True
+    opt = cls([w], lr=0.1, **kw)
+    for _ in range(2):  # RAdam's first step is the same under both forms
+        w.grad = grad_of(w.detach())
+        opt.step()
+    return w.detach(), opt
+
+
+def _decay_form(cls, **extra):
+    """What torch does with weight_decay, measured: "coupled" (adds λw to the gradient) or not.
+
+    Steps with weight_decay=λ on a zero gradient equal steps with no decay on
+    the gradient λw exactly when the decay is coupled L2; maximize=True (where
+    the optimizer has it) must flip the sign as the fold assumes.
+    """
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if "weight_decay" not in params:
+        return "none"
+    lam = 0.1
+    with_wd, opt = _one_step(cls, torch.zeros_like, weight_decay=lam, **extra)
+    as_grad, _ = _one_step(cls, lambda w: lam * w, weight_decay=0.0, **extra)
+    if not torch.allclose(with_wd, as_grad, rtol=1e-6, atol=1e-7):
+        return "other"
+    if "maximize" in params:
+        with_wd, _ = _one_step(cls, torch.zeros_like, True, weight_decay=lam, **extra)
+        as_grad, _ = _one_step(cls, lambda w: -lam * w, True, weight_decay=0.0, **extra)
+        assert torch.allclose(with_wd, as_grad, rtol=1e-6, atol=1e-7), cls
+    return "coupled"
+
+
+@pytest.mark.parametrize("cls", _torch_optimizers(), ids=lambda c: c.__name__)
+def test_coupled_decay_list_agrees_with_what_torch_computes(cls):
+    # Issue 11.5: Adadelta adds λw to the gradient but was missing from the list,
+    # so it got P(g) + λw instead of the paper's P(g + λw).
+    import inspect
+
+    from gradcent.optim._engine import has_coupled_decay
+
+    form = _decay_form(cls)
+    w = nn.Parameter(torch.randn(4, 3))
+    kw = {"weight_decay": 0.1} if form != "none" else {}
+    opt = cls([w], lr=0.1, **kw)
+    assert has_coupled_decay(opt, opt.param_groups[0]) == (form == "coupled")
+    if "decoupled_weight_decay" in inspect.signature(cls).parameters:
+        assert _decay_form(cls, decoupled_weight_decay=True) == "other"
+        opt = cls([w], lr=0.1, weight_decay=0.1, decoupled_weight_decay=True)
+        assert not has_coupled_decay(opt, opt.param_groups[0])
+
+
+def test_adadelta_gets_the_papers_rule():
+    torch.manual_seed(0)
+    # Small values, so that Adadelta's update is nearly linear in ĝ (ε dominates).
+    w0, g = torch.randn(4, 3) * 1e-2, torch.randn(4, 3) * 1e-3
+    w = nn.Parameter(w0.clone())
+    opt = torch.optim.Adadelta([w], lr=1.0, weight_decay=0.1)
+    gradcent.attach(opt)
+    w.grad = g.clone()
+    opt.step()
+    ref = nn.Parameter(w0.clone())
+    ref_opt = torch.optim.Adadelta([ref], lr=1.0)
+    ref.grad = centralize(g + 0.1 * w0)  # P(g + λw), then no further decay
+    ref_opt.step()
+    torch.testing.assert_close(w.detach() - w0, ref.detach() - w0, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------- centralize_now
+
+
+def _clip_setup(named):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    if named:
+        opt = gradcent.SGD(model.parameters(), lr=0.1, model=model)
+        return model, opt, opt.centralize_grads
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, gradcent.attach(opt, model).centralize_now
+
+
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("zero", ["optimizer", "module", "none"])
+def test_a_backward_after_centralize_now_is_centred_at_the_step(named, zero):
+    # Issue 11.6: attach's pending mark survived zero_grad(set_to_none=False) (the
+    # same tensor, zeroed in place), so the step skipped GC on the new gradient.
+    model, opt, centralize_now = _clip_setup(named)
+    x = torch.randn(4, 6)
+    model(x).pow(2).sum().backward()
+    centralize_now()
+    if zero == "optimizer":
+        opt.zero_grad(set_to_none=False)
+    elif zero == "module":
+        model.zero_grad(set_to_none=False)  # the optimizer cannot see this one
+    g_before = model.weight.grad.clone()
+    (model(x) * torch.arange(3.0)).sum().backward()
+    g = model.weight.grad.clone()  # accumulated onto P(g1) without zeroing: P g is still right
+    w = model.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), w - 0.1 * centralize(g))
+    if zero != "none":
+        assert g_before.abs().max() == 0
+
+
+def test_centralize_now_hooks_are_removed_by_the_step():
+    model, opt, centralize_now = _clip_setup(False)
+    model(torch.randn(4, 6)).sum().backward()
+    centralize_now()
+    assert model.weight._post_accumulate_grad_hooks
+    opt.step()
+    assert not model.weight._post_accumulate_grad_hooks
+
+
+# ---------------------------------------------------------------- copies
+
+
+def _tnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 5 * 5, 3)
+    )
+
+
+def _copy(opt, how):
+    if how == "deepcopy":
+        return copy.deepcopy(opt)
+    buf = io.BytesIO()
+    if how == "pickle":
+        import pickle
+
+        pickle.dump(opt, buf)
+        buf.seek(0)
+        return pickle.load(buf)
+    torch.save(opt, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _copy_step(opt, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in (q for g in opt.param_groups for q in g["params"]):
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, m: gradcent.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1, model=m),
+        lambda ps, m: gradcent.SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1, model=m),
+        lambda ps, m: gradcent.Adam(ps, lr=0.1, weight_decay=0.1, model=m, exclude=["2.*"]),
+        lambda ps, m: gradcent.AdamW(ps, model=m, gc="conv", impl="blocked"),
+        lambda ps, m: gradcent.Adagrad(ps, weight_decay=0.1, model=m),
+    ],
+    ids=["SGD", "SGDW", "Adam-exclude", "AdamW-blocked", "Adagrad"],
+)
+def test_a_copied_optimizer_steps_exactly_like_the_original(make, how):
+    # Issue 11.7: torch copies only defaults/state/param_groups, so a copy had no
+    # plan: AttributeError '_gc'. The plan must follow, keyed by the copy's params.
+    model = _tnet()
+    opt = make(list(model.parameters()), model)
+    _copy_step(opt, 0)
+    twin = _copy(opt, how)
+    assert twin.param_groups[0]["params"][0] is not opt.param_groups[0]["params"][0]
+    assert [r[3] for r in twin._gc.plan.describe()] == [r[3] for r in opt._gc.plan.describe()]
+    for seed in (1, 2):
+        _copy_step(opt, seed)
+        _copy_step(twin, seed)
+    mine = [p for g in opt.param_groups for p in g["params"]]
+    theirs = [p for g in twin.param_groups for p in g["params"]]
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.equal(a, b)

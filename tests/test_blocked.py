@@ -226,3 +226,18 @@ def test_centralize_grads_then_clip(small_blocks, fast):
         return params
 
     torch.testing.assert_close(run(fast), run("default"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "native", "fused", "default"])
+@pytest.mark.parametrize("cls", [gradcent.SGD, gradcent.SGDW])
+def test_sgd_without_momentum_keeps_no_state(cls, impl, small_blocks):
+    # Issue 11.11: impl="blocked" left an empty {} per parameter; torch's fused
+    # SGD keeps none, so the state dicts differed.
+    params = _params() + [torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))]
+    opt = cls(params, lr=0.1, weight_decay=0.01, impl=impl)
+    ref = torch.optim.SGD([torch.nn.Parameter(p.detach().clone()) for p in params], fused=True)
+    for o in (opt, ref):
+        for p in (q for g in o.param_groups for q in g["params"]):
+            p.grad = torch.ones_like(p)
+        o.step()
+    assert opt.state_dict()["state"] == ref.state_dict()["state"] == {}

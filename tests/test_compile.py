@@ -127,3 +127,57 @@ def test_channels_last_model_trains_like_contiguous(cls):
         results.append([p.detach().contiguous() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["step", "train_step"])
+def test_compiled_sgdw_keeps_its_decoupled_decay(how):
+    # Issue 11.1: SGDW used to zero group["weight_decay"] for the parent's step and
+    # restore it in a `finally` that a compiled step lost: decay 0 for good.
+    eager_model, compiled_model = _net(), _net()
+    x, y = _data()
+    kw = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}
+    eager = _train_step(eager_model, gradcent.SGDW(eager_model.parameters(), **kw), x, y)
+    opt_c = gradcent.SGDW(compiled_model.parameters(), **kw)
+    dynamo.reset()
+    if how == "step":
+        compiled_opt_step = torch.compile(opt_c.step, backend="aot_eager")
+
+        def compiled():
+            opt_c.zero_grad()
+            nn.functional.cross_entropy(compiled_model(x), y).backward()
+            compiled_opt_step()
+    else:
+        compiled = torch.compile(_train_step(compiled_model, opt_c, x, y), backend="aot_eager")
+    for _ in range(3):
+        eager()
+        compiled()
+        assert opt_c.param_groups[0]["weight_decay"] == 0.1
+    assert opt_c.state_dict()["param_groups"][0]["weight_decay"] == 0.1
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["native", "blocked", "fused"])
+@pytest.mark.parametrize("cls", [gradcent.SGD, gradcent.AdamW])
+def test_compiled_training_step_with_a_fast_impl_is_the_eager_step(cls, impl):
+    # Issue 11.8: native/blocked crashed under torch.compile (no fake kernel) and
+    # fused drifted; each step now runs as in eager mode behind a graph break.
+    x, y = _data()
+    eager_model, compiled_model = _net(), _net()
+    kw = {"lr": 0.05, "weight_decay": 1e-2, "impl": impl}
+    if cls is gradcent.SGD:
+        kw["momentum"] = 0.9
+    opt_e = cls(eager_model.parameters(), model=eager_model, **kw)
+    opt_c = cls(compiled_model.parameters(), model=compiled_model, **kw)
+    eager = _train_step(eager_model, opt_e, x, y)
+    dynamo.reset()
+    compiled = torch.compile(_train_step(compiled_model, opt_c, x, y), backend="aot_eager")
+    for _ in range(3):
+        torch.testing.assert_close(compiled(), eager(), rtol=0, atol=0)
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    sa, sb = opt_c.state_dict()["state"], opt_e.state_dict()["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)

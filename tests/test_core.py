@@ -289,3 +289,26 @@ def test_many_rejects_mismatched_lengths():
         centralize_many_([torch.randn(2, 2), torch.randn(2, 2)], [None, None, None])
     with pytest.raises(ValueError, match="1 groups"):
         centralize_many_([torch.randn(2, 2), torch.randn(2, 2)], None, [1])
+
+
+@pytest.fixture
+def two_threads():
+    # Splitting a long unit between threads is what broke bit-for-bit equality.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 32768), (1, 32769), (1, 40000), (1, 65536), (2, 32768), (1, 2, 20000)]
+)
+def test_many_is_bit_for_bit_per_tensor_for_long_units(shape, two_threads):
+    # Issue 11.13: one row of 32,769-65,536 elements differed by ~1e-8 when stacked.
+    gen = torch.Generator().manual_seed(0)
+    ts = [torch.randn(shape, generator=gen) for _ in range(3)]
+    one = [centralize_(t.clone()) for t in ts]
+    many = [t.clone() for t in ts]
+    centralize_many_(many)
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a, b)

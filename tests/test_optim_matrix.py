@@ -382,3 +382,140 @@ def test_the_reference_is_not_vacuous():
         _set_grads(m_naive, grads)
         opt.step()
     assert not torch.allclose(m_gc.lin.weight, m_naive.lin.weight, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sgdw_shrink_is_skipped_with_the_step_when_the_scaler_finds_inf(fused):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    opt = gradcent.SGDW([w], lr=0.1, weight_decay=0.5, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    scaler.scale(torch.ones(()))  # what scaler.scale(loss) sets up
+    w.grad = torch.full_like(w, float("inf"))
+    w0 = w.detach().clone()
+    scaler.step(opt)  # finds inf: skips step (fused=False) or hands found_inf to it
+    torch.testing.assert_close(w.detach(), w0, rtol=0, atol=0)
+    scaler.update()  # halves the scale
+    g = torch.randn(3, 4)
+    w.grad = g * scaler.get_scale()
+    scaler.step(opt)  # a finite step shrinks, then steps on P(g)
+    expected = w0 * (1 - 0.1 * 0.5) - 0.1 * gradcent.centralize(g)
+    torch.testing.assert_close(w.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "cls", [gradcent.SGD, gradcent.SGDW, gradcent.Adam, gradcent.AdamW, gradcent.Adagrad]
+)
+def test_named_optimizers_take_torchs_exact_signature(cls):
+    # Issue 11.10: gradcent.Adagrad refused foreach as torch's 7th positional argument.
+    import inspect
+
+    theirs = inspect.signature(cls._torch_base).parameters
+    ours = inspect.signature(cls).parameters
+    positional = [n for n, p in theirs.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [n for n, p in ours.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in ours.values())
+    for name, p in theirs.items():
+        if name in ours:
+            assert ours[name].default == p.default, name
+        else:  # a keyword-only option passed through **kwargs
+            assert p.kind is p.KEYWORD_ONLY and has_var_kw, name
+    # every positional argument by position, as torch takes it
+    w = nn.Parameter(torch.randn(3, 4))
+    args = [theirs[n].default for n in positional[1:]]
+    if cls is gradcent.Adagrad:
+        args[-1] = True  # foreach=True, torch's 7th positional
+    opt = cls([w], *args)
+    assert opt.param_groups[0]["foreach"] is (True if cls is gradcent.Adagrad else None)
+
+
+@pytest.mark.parametrize("impl", ["default", "blocked", "native", "fused"])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_an_expanded_gradient_steps_like_its_dense_copy(impl, wd):
+    # Issue 11.12: torch.optim.SGD accepts a stride-0 gradient; in-place GC raised.
+    torch.manual_seed(0)
+    w0, row = torch.randn(3, 4), torch.randn(1, 4)
+    dense, expanded = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    opts = [
+        gradcent.SGD([p], lr=0.1, momentum=0.9, weight_decay=wd, impl=impl)
+        for p in (dense, expanded)
+    ]
+    for _ in range(2):
+        dense.grad = row.expand(3, 4).clone()
+        expanded.grad = row.expand(3, 4)
+        for o in opts:
+            o.step()
+    # native steps the dense one in C++ and hands the expanded one to the blocked path
+    tol = {"rtol": 0, "atol": 0} if impl == "default" else {"rtol": 1e-6, "atol": 1e-7}
+    torch.testing.assert_close(dense, expanded, **tol)
+    assert not torch.equal(dense.detach(), w0)
+
+
+def test_an_expanded_gradient_with_attach():
+    torch.manual_seed(0)
+    w0, row = torch.randn(3, 4), torch.randn(1, 4)
+    dense, expanded = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    for p, g in ((dense, row.expand(3, 4).clone()), (expanded, row.expand(3, 4))):
+        opt = torch.optim.Adam([p], lr=0.1, weight_decay=0.1)
+        gradcent.attach(opt)
+        p.grad = g
+        opt.step()  # raised for the expanded one
+    assert torch.equal(dense, expanded)
+    assert not torch.equal(dense.detach(), w0)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+@pytest.mark.parametrize("impl", ["blocked", "native", "fused"])
+def test_fast_impls_refuse_complex_parameters_by_name(impl):
+    model = nn.Linear(4, 3).to(torch.complex64)
+    with pytest.raises(ValueError, match=r"complex parameters: 'weight' is torch.complex64"):
+        gradcent.Adam(model.parameters(), model=model, impl=impl)
+    opt = gradcent.Adam(nn.Linear(4, 3).parameters(), impl=impl)
+    with pytest.raises(ValueError, match="complex parameters"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 2, dtype=torch.cfloat))]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [gradcent.SGD, gradcent.Adam])
+def test_default_impl_centres_complex_units_over_their_complex_entries(cls):
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4, dtype=torch.complex64)
+    g = torch.randn(3, 4, dtype=torch.complex64)
+    w, ref = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    opt, ref_opt = cls([w], lr=0.1, weight_decay=0.1), cls([ref], lr=0.1, gc=None)
+    w.grad = g.clone()
+    ref.grad = centralize(g + 0.1 * w0)  # P(g + λw): one mean per row, real and imaginary
+    opt.step()
+    ref_opt.step()
+    torch.testing.assert_close(w.detach(), ref.detach())
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    # In-process store, one rank: DTensors without launching anything.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", ["blocked", "native"])
+def test_blocked_and_native_refuse_dtensor_parameters_at_construction(one_rank_group, impl):
+    # Issue 13.5: the refusal came at the first step; it comes now at construction
+    # (or add_param_group), naming the parameter.
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    mesh = DeviceMesh("cpu", [0])
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    fully_shard(model, mesh=mesh)
+    with pytest.raises(ValueError, match=r"DTensor \(FSDP2\) parameters: '0.weight' is a DTensor"):
+        gradcent.AdamW(model.parameters(), model=model, impl=impl)
+    opt = gradcent.SGD(nn.Linear(4, 3).parameters(), lr=0.1, impl=impl)
+    extra = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="DTensor"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == 1
+    # "fused" and "default" step DTensors (FSDP2), so they still construct
+    gradcent.AdamW(model.parameters(), model=model, impl="fused")

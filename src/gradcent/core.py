@@ -278,7 +278,14 @@ def centralize_many_(
             continue  # nothing to centre: skip the stack-and-copy round trip
         # Only contiguous tensors are stacked: a reduction over another memory
         # layout sums in another order, and the result must match centralize_ bit for bit.
-        stackable = t.numel() <= _STACK_MAX_NUMEL and g == 1 and t.is_contiguous()
+        # So are units of more than torch's reduction grain (32768 elements): alone,
+        # such a unit may be summed by several threads, in the stack by one.
+        stackable = (
+            t.numel() <= _STACK_MAX_NUMEL
+            and g == 1
+            and t.is_contiguous()
+            and unit_size(t.shape, rdims) <= _BLOCK_MAX_ROW
+        )
         if stackable and not _is_dtensor(t):
             key = (tuple(t.shape), t.dtype, t.device, rdims)
             buckets.setdefault(key, []).append(t)

@@ -19,7 +19,7 @@ from torch import nn
 
 from gradcent.optim._blocked import blocked_step, check_blocked_options
 from gradcent.optim._engine import Centralizer
-from gradcent.optim._fused import check_fused_options, check_impl, fused_step
+from gradcent.optim._fused import check_fused_options, check_impl, check_params, fused_step
 from gradcent.optim._native import load as load_native
 from gradcent.optim._native import native_step
 from gradcent.rules import Selector, check_mode, plan
@@ -34,7 +34,7 @@ class GCMixin:
     """Adds ``gc=`` / ``model=`` handling and a GC-aware ``step``.
 
     Subclasses call :meth:`_init_gc` after their parent's ``__init__`` and may
-    override :meth:`_pre_update` (SGDW applies its decoupled decay there).
+    override :meth:`_torch_step` (SGDW applies its decoupled decay there).
     """
 
     _torch_base: type[torch.optim.Optimizer]
@@ -58,11 +58,25 @@ class GCMixin:
         if "gc" in param_group:
             param_group["gc"] = check_mode(param_group["gc"])
         super().add_param_group(param_group)
+        if self.impl != "default":  # the constructor checked the first groups
+            try:
+                check_params(self, self.impl, self.param_groups[-1]["params"])
+            except ValueError:
+                self.param_groups.pop()
+                raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups: copy.deepcopy,
+        # pickle and torch.save(opt) must carry the GC plan too.
+        return {**super().__getstate__(), "_gc": self._gc}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("gc", self.defaults.get("gc"))
+        if "_gc" not in self.__dict__:  # pickled before the plan was kept: bare-tensor rules
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._gc = Centralizer(plan(None, self.defaults.get("gc"), params=params))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's; a plain torch.optim state (no ``"gc"`` key) keeps this GC mode."""
@@ -111,8 +125,9 @@ class GCMixin:
         """``"default"``, ``"fused"``, ``"blocked"`` or ``"native"``: how :meth:`step` runs."""
         return self.defaults.get("impl", "default")
 
-    def _pre_update(self) -> None:
-        """Hook for subclasses: runs after GC, before the parent's update."""
+    def _torch_step(self) -> None:
+        """The parent's update on the (centred) gradients; SGDW overrides it."""
+        _unhooked(self._torch_base.step)(self)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -142,8 +157,7 @@ class GCMixin:
             return loss
         self._gc.before(self)
         try:
-            self._pre_update()
-            _unhooked(self._torch_base.step)(self)
+            self._torch_step()
         finally:
             self._gc.after(self)
         return loss

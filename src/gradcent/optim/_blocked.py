@@ -43,7 +43,9 @@ from gradcent.optim._fused import check_options, kernel_kind
 
 
 def check_blocked_options(optimizer: torch.optim.Optimizer, impl: str = "blocked") -> None:
-    """Reject ``capturable`` / ``differentiable`` and optimizers without a kernel.
+    """Reject unsupported options, optimizers and (complex, DTensor) parameters.
+
+    ``capturable`` / ``differentiable`` must be off; parameters are named.
 
     Args:
         optimizer: a gradcent SGD, SGDW, Adam or AdamW.
@@ -66,10 +68,10 @@ def fused_state(
     optimizer, kind: str, group: dict[str, Any], p: Tensor
 ) -> tuple[list[Tensor], bool]:
     """Torch's fused state of ``p`` (made if missing), and whether SGD's buffer is new."""
+    if kind == "sgd" and not group["momentum"]:
+        return [], False  # no state at all, as torch's SGD (reading it would add {})
     state = optimizer.state[p]
     if kind == "sgd":
-        if not group["momentum"]:
-            return [], False
         buf = state.get("momentum_buffer")
         if buf is None:
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -176,6 +178,10 @@ def check_param(p: Tensor, impl: str) -> None:
         )
 
 
+# Inside a compiled train step Dynamo graph-breaks here and runs the step eagerly:
+# the kernels (torch's fused ones on views, the C++ one) have no fake tensor rule,
+# and the eager step is the result a compiled step must give (docs/TRAINING_LOOPS.md).
+@torch.compiler.disable
 @torch.no_grad()
 def blocked_step(optimizer: torch.optim.Optimizer) -> None:
     """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, block by block.

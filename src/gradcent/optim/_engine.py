@@ -27,12 +27,17 @@ import torch
 from torch import Tensor
 
 from gradcent.core import centralize, centralize_
-from gradcent.rules import Plan
+from gradcent.rules import _DEFERRED, Plan, _matcher
 
-# Optimizers whose weight_decay adds λw to the gradient before anything else.
+# Optimizers whose weight_decay adds λw to the gradient before anything else
+# (read off torch's source; tests/test_attach.py classifies every torch.optim
+# optimizer numerically and fails when this list disagrees). Not here: AdamW,
+# Adafactor and Muon shrink w (decoupled); LBFGS, Rprop and SparseAdam have no
+# weight_decay.
 COUPLED_DECAY: tuple[type, ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
+    torch.optim.Adadelta,
     torch.optim.Adagrad,
     torch.optim.RMSprop,
     torch.optim.NAdam,
@@ -41,6 +46,7 @@ COUPLED_DECAY: tuple[type, ...] = (
     torch.optim.ASGD,
 )
 WHERE = ("gradient", "update")
+_MATCHERS = ("_include", "_exclude")  # rebuilt from the plan's selectors on unpickling
 
 
 def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
@@ -78,6 +84,32 @@ class Centralizer:
         # Gradients already centred by centralize_now(), keyed by id(param): the
         # next step leaves them as they are (the user may have clipped them).
         self._pending: dict[int, weakref.ref] = {}
+        # A backward into a pending gradient (after zero_grad(set_to_none=False),
+        # which keeps the tensor, or without zeroing) makes it new again: these
+        # post-accumulate hooks drop its mark, whoever zeroed it.
+        self._pending_hooks: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy, pickle and torch.save of an optimizer come through here.
+        # A step's transient marks and snapshots stay behind; the plan goes as its
+        # fields without its predicates, which may be lambdas (not picklable).
+        plan_fields = {k: v for k, v in vars(self.plan).items() if k not in _MATCHERS}
+        return {"where": self.where, "plan": plan_fields}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        fields = dict(state["plan"])
+        # The plan keys its decisions by id(parameter), and a copy's parameters
+        # have new ids: key them again. Specs are compared by value, as a copy of
+        # the "decide at the first step" marker is no longer the marker itself.
+        fields["_specs"] = {
+            id(p): (name, p, _DEFERRED if spec == _DEFERRED else spec)
+            for name, p, spec in fields["_specs"].values()
+        }
+        restored = Plan.__new__(Plan)
+        vars(restored).update(fields)
+        include, exclude = fields["_selectors"]
+        restored._include, restored._exclude = _matcher(include), _matcher(exclude)
+        self.__init__(restored, state["where"])
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
@@ -85,17 +117,23 @@ class Centralizer:
 
     def _spec(self, gplan: Plan, p: Tensor):
         spec = gplan.spec(p)
-        if spec is not None and p.grad is not None and p.grad.is_sparse:
-            raise ValueError(
-                f"Parameter {gplan.name(p)!r} has a sparse gradient: GC is defined for dense "
-                "weight gradients; exclude it (exclude=...) or use a dense layer"
-            )
+        if spec is not None and p.grad is not None:
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"Parameter {gplan.name(p)!r} has a sparse gradient: GC is defined for "
+                    "dense weight gradients; exclude it (exclude=...) or use a dense layer"
+                )
+            if _is_expanded(p.grad):
+                # An expanded (stride-0) gradient, which torch's optimizers accept,
+                # cannot be centred in place: GC works on a copy that becomes p.grad.
+                p.grad = p.grad.contiguous()
         return spec
 
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer) -> None:
         """Centralize gradients (folding coupled decay) or snapshot weights."""
-        done, self._pending = self._pending, {}
+        done = self._pending
+        self.discard_pending()
         self._snapshots.clear()
         native = _uses_native(optimizer)
         for group in optimizer.param_groups:
@@ -125,15 +163,16 @@ class Centralizer:
         folds coupled decay as λ·P(w), so the update uses clip(P g) + λ·P(w) =
         P(clip(P g) + λw) for norm clipping: decay is folded once, at the step, is
         not clipped (as in torch, where decay is added inside the step). A
-        gradient replaced after this call (a new backward after
-        ``zero_grad(set_to_none=True)``) is centralized by the step as usual.
+        gradient replaced or accumulated into after this call (a backward after
+        any ``zero_grad``, the optimizer's or the module's, or none) is
+        centralized by the step as usual.
         """
         if self.where != "gradient":
             raise ValueError(
                 "centralize_now() needs where='gradient'; with where='update' GC projects "
                 "the update after the step, so clipping order does not matter"
             )
-        self._pending = {}
+        self.discard_pending()
         native = _uses_native(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
@@ -146,8 +185,20 @@ class Centralizer:
                 spec = self._spec(gplan, p)
                 if spec is not None:
                     todo.append((p.grad, spec))
-                    self._pending[id(p)] = weakref.ref(p.grad)
+                    self._mark_pending(p)
             self._centralize_all_(todo, native)
+
+    def _mark_pending(self, p: Tensor) -> None:
+        self._pending[id(p)] = weakref.ref(p.grad)
+        if p.requires_grad:
+            pending = self._pending
+            key = id(p)
+
+            def forget(_p: Tensor) -> None:
+                # this call's dict, so that a late hook never touches a newer one
+                pending.pop(key, None)
+
+            self._pending_hooks.append(p.register_post_accumulate_grad_hook(forget))
 
     @staticmethod
     def _centralize_all_(todo: list[tuple[Tensor, Any]], native: bool) -> None:
@@ -166,6 +217,9 @@ class Centralizer:
     def discard_pending(self) -> None:
         """Forget a :meth:`centralize_now` whose step never came (zero_grad, skipped step)."""
         self._pending = {}
+        for h in self._pending_hooks:
+            h.remove()
+        self._pending_hooks = []
 
     def _fold_decay(
         self,
@@ -231,7 +285,7 @@ class Centralizer:
     def reset(self) -> None:
         """Drop the weight snapshots and pending gradients of an unfinished step."""
         self._snapshots.clear()
-        self._pending = {}
+        self.discard_pending()
 
 
 def _uses_native(optimizer: torch.optim.Optimizer) -> bool:
@@ -243,3 +297,8 @@ def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:
     """True when ``p.grad`` is the very tensor centralize_now() centred."""
     ref = done.get(id(p))
     return ref is not None and ref() is p.grad
+
+
+def _is_expanded(t: Tensor) -> bool:
+    """True when several elements of ``t`` share memory (a stride 0 over a size > 1)."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))

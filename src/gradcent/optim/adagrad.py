@@ -22,11 +22,12 @@ class Adagrad(GCMixin, torch.optim.Adagrad):
 
     Args:
         params: parameters or param groups (a group may set its own ``"gc"``).
-        lr, lr_decay, weight_decay, initial_accumulator_value, eps: as torch.
+        lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach: as
+            torch, in torch's positional order.
         gc: ``"all"`` (default), ``"conv"``, ``"fc"`` or None (plain torch Adagrad).
         model: the model, for per-layer output axes.
         include, exclude: name patterns or callables overriding the plan.
-        **kwargs: torch's keyword-only options (``foreach``, ``maximize``,
+        **kwargs: torch's keyword-only options (``maximize``,
             ``differentiable``, ``fused``), passed through.
 
     References:
@@ -44,6 +45,7 @@ class Adagrad(GCMixin, torch.optim.Adagrad):
         weight_decay: float = 0,
         initial_accumulator_value: float = 0,
         eps: float = 1e-10,
+        foreach: bool | None = None,
         *,
         gc: str | None = "all",
         model: nn.Module | None = None,
@@ -52,6 +54,6 @@ class Adagrad(GCMixin, torch.optim.Adagrad):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, **kwargs
+            params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach, **kwargs
         )
         self._init_gc(gc, model, include, exclude)

@@ -98,7 +98,11 @@ def attach(
     """Centralize the gradients of any torch optimizer right before each step.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` (its class is not changed).
+        optimizer: any ``torch.optim.Optimizer`` (its class is not changed), or a
+            wrapper that holds one without being initialised as one
+            (accelerate's ``AcceleratedOptimizer``, Lightning's
+            ``LightningOptimizer``): GC then attaches to the wrapped optimizer,
+            whose ``step`` the wrapper calls.
         model: the model, so that each layer gets its own output axis
             (ConvTranspose: dim 1 per group). Without it, bare-tensor rules apply
             (ndim 2 = FC, ndim >= 3 = conv, output dim 0).
@@ -131,6 +135,7 @@ def attach(
         Yong et al., ECCV 2020, Algorithm 1-2 and §3.4.
 
     """
+    optimizer = _unwrap(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         name = type(optimizer).__name__
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {name}")
@@ -153,3 +158,24 @@ def attach(
         model, mode, params=params, include=include, exclude=exclude, embeddings=embeddings
     )
     return GCHandle(optimizer, Centralizer(the_plan, where))
+
+
+def _unwrap(optimizer: object) -> object:
+    """The optimizer a wrapper holds, when the wrapper itself has no step hooks.
+
+    accelerate's ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer``
+    without calling its ``__init__`` (no hook registry) and steps its
+    ``.optimizer``; Lightning's ``LightningOptimizer`` holds ``._optimizer``.
+    Hooks on the inner optimizer run whenever the wrapper steps it (and not on
+    the steps it skips, such as accelerate's gradient-accumulation micro-steps).
+    A real optimizer that wraps another (a Lookahead) has its own hooks and is
+    kept as it is.
+    """
+    while "_optimizer_step_pre_hooks" not in getattr(optimizer, "__dict__", {}):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.sgd import sgd
 
 from gradcent.optim._base import GCMixin
 from gradcent.rules import Selector
@@ -95,23 +96,50 @@ class SGDW(SGD):
 
     decoupled = True
 
-    def _pre_update(self) -> None:
-        self._decoupled_wd: list[float] = []
-        for group in self.param_groups:
-            wd = group["weight_decay"]
-            self._decoupled_wd.append(wd)
-            if wd:
-                params = [p for p in group["params"] if p.grad is not None]
-                if params:
-                    torch._foreach_mul_(params, 1.0 - float(group["lr"]) * wd)
-            group["weight_decay"] = 0.0
+    def _torch_step(self) -> None:
+        # torch's own SGD(M) step, called with weight_decay=0 rather than zeroing
+        # the group's value for the call: the group is never written, so a
+        # compiled step (Dynamo replays writes to the group, a restore in a
+        # `finally` may be lost), a step that raises or a state_dict() all keep
+        # the user's weight_decay.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            for group in self.param_groups:
+                params: list[Tensor] = []
+                grads: list[Tensor] = []
+                bufs: list[Tensor | None] = []
+                sparse = self._init_group(group, params, grads, bufs)
+                wd = group["weight_decay"]
+                if wd and params:
+                    _shrink(params, 1.0 - float(group["lr"]) * wd, found_inf)
+                sgd(
+                    params,
+                    grads,
+                    bufs,
+                    weight_decay=0.0,
+                    momentum=group["momentum"],
+                    lr=group["lr"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                    has_sparse_grad=sparse,
+                    foreach=group["foreach"],
+                    fused=group["fused"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
+                if group["momentum"] != 0:
+                    for p, buf in zip(params, bufs, strict=True):
+                        self.state[p]["momentum_buffer"] = buf
 
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - same contract as SGD.step
-        try:
-            return super().step(closure)
-        finally:
-            saved = getattr(self, "_decoupled_wd", [])
-            for group, wd in zip(self.param_groups, saved, strict=False):
-                group["weight_decay"] = wd
-            self._decoupled_wd = []
+
+def _shrink(params: list[Tensor], factor: float, found_inf: Tensor | None) -> None:
+    """W ← factor·w (decoupled decay); skipped, as the update is, when GradScaler found inf."""
+    if found_inf is None:
+        torch._foreach_mul_(params, factor)
+        return
+    # GradScaler's fused path: the kernel skips the step on inf/nan, so must the shrink
+    # (a tensor factor, so that no host sync is needed on GPU).
+    keep = torch.where(found_inf > 0, 1.0, factor)
+    torch._foreach_mul_(params, keep)
