@@ -48,7 +48,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -375,6 +375,26 @@ class Plan:
         self._include = _matcher(include)
         self._exclude = _matcher(exclude)
         self._selectors = (include, exclude)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy, pickle and torch.save (of an optimizer holding the plan)
+        # come through here. The predicates are rebuilt from the selectors, which
+        # must then be picklable themselves (patterns, or module-level functions).
+        return {
+            "entries": list(self._entries.values()),
+            "mode": self.mode,
+            "selectors": self._selectors,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy's tensors have new ids: key the decisions again. The "decide at
+        # the first step" marker is compared by value, as a copy of it is no
+        # longer the marker itself.
+        entries = {
+            id(e.tensor): replace(e, spec=_DEFERRED) if e.spec == _DEFERRED else e
+            for e in state["entries"]
+        }
+        self.__init__(entries, state["mode"], *state["selectors"])
 
     def with_mode(self, mode: str | None) -> Plan:
         """The same layer decisions under another mode."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from gradcent.core import centralize, centralize_
-from gradcent.rules import _DEFERRED, Plan, _matcher
+from gradcent.rules import Plan
 
 # Optimizers whose weight_decay adds λw to the gradient before anything else
 # (read off torch's source; tests/test_attach.py classifies every torch.optim
@@ -46,7 +46,6 @@ COUPLED_DECAY: tuple[type, ...] = (
     torch.optim.ASGD,
 )
 WHERE = ("gradient", "update")
-_MATCHERS = ("_include", "_exclude")  # rebuilt from the plan's selectors on unpickling
 
 
 def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
@@ -91,25 +90,12 @@ class Centralizer:
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy, pickle and torch.save of an optimizer come through here.
-        # A step's transient marks and snapshots stay behind; the plan goes as its
-        # fields without its predicates, which may be lambdas (not picklable).
-        plan_fields = {k: v for k, v in vars(self.plan).items() if k not in _MATCHERS}
-        return {"where": self.where, "plan": plan_fields}
+        # A step's transient marks and snapshots stay behind; the plan re-keys
+        # itself to the copy's parameters (Plan.__setstate__).
+        return {"where": self.where, "plan": self.plan}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        fields = dict(state["plan"])
-        # The plan keys its decisions by id(parameter), and a copy's parameters
-        # have new ids: key them again. Specs are compared by value, as a copy of
-        # the "decide at the first step" marker is no longer the marker itself.
-        fields["_specs"] = {
-            id(p): (name, p, _DEFERRED if spec == _DEFERRED else spec)
-            for name, p, spec in fields["_specs"].values()
-        }
-        restored = Plan.__new__(Plan)
-        vars(restored).update(fields)
-        include, exclude = fields["_selectors"]
-        restored._include, restored._exclude = _matcher(include), _matcher(exclude)
-        self.__init__(restored, state["where"])
+        self.__init__(state["plan"], state["where"])
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
