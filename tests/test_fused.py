@@ -165,6 +165,7 @@ def test_fused_leaves_default_behaviour_alone():
     assert SGD(p, lr=0.1).defaults["impl"] == "default"
 
 
+@pytest.mark.experiments  # the benchmark suite builds torchvision models
 def test_benchmark_quick_smoke():
     # A smoke run only: speed belongs to the benchmark suite, and a wall-clock bound
     # failed on a loaded machine.

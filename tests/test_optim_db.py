@@ -19,30 +19,16 @@ from __future__ import annotations
 
 import copy
 import inspect
-import sys
-import types
-import unittest
 
 import pytest
 import torch
 from torch import nn
-
-import gradcent
-
-# torch's test-data module imports ``expecttest`` (torch's own test-suite
-# dependency) only for its TestCase base class; the data needs none of it.
-if "expecttest" not in sys.modules:
-    try:
-        import expecttest  # noqa: F401
-    except ImportError:
-        _stub = types.ModuleType("expecttest")
-        _stub.TestCase = unittest.TestCase
-        sys.modules["expecttest"] = _stub
-
-from torch.testing._internal.common_optimizers import (  # noqa: E402
+from torch.testing._internal.common_optimizers import (
     OptimizerErrorEnum,
     optim_db,
 )
+
+import gradcent
 
 STEPS = 3
 NAMED = {
