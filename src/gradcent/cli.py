@@ -99,9 +99,25 @@ def _positive_int(text: str) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a paper protocol (see `gradcent presets`)")
-    p.add_argument("--dataset", help="digits (default), cifar100, imagefolder, coco, ...")
-    p.add_argument("--data", help="dataset folder (not needed for digits)")
-    p.add_argument("--model", help="smallcnn (default), resnet18, ...")
+    p.add_argument(
+        "--dataset",
+        help="digits (default), mnist, fashionmnist, text, cifar100, imagefolder, coco, "
+        "... or MODULE:FUNCTION",
+    )
+    p.add_argument("--data", help="dataset folder, or the text file (not needed for digits)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="mnist / fashionmnist: let torchvision fetch missing files into --data",
+    )
+    p.add_argument("--model", help="smallcnn (default), resnet20, gpt, ... or MODULE:FUNCTION")
+    p.add_argument(
+        "--context", type=_positive_int, help="text: characters per window (default 128)"
+    )
+    p.add_argument("--gpt-layers", type=_positive_int, help="gpt: blocks (default 4)")
+    p.add_argument("--gpt-heads", type=_positive_int, help="gpt: attention heads (default 4)")
+    p.add_argument("--gpt-width", type=_positive_int, help="gpt: model width (default 128)")
     p.add_argument("--norm", help="bn, gn or none")
     p.add_argument("--ws", action="store_true", default=None, help="weight-standardised convs")
     p.add_argument("--pretrained", help="checkpoint to fine-tune from")
@@ -181,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 _CONFIG_OPTIONS = (
     "dataset",
     "data",
+    "download",
+    "context",
+    "gpt_layers",
+    "gpt_heads",
+    "gpt_width",
     "model",
     "norm",
     "ws",
@@ -277,7 +298,7 @@ def cmd_presets() -> int:
     from gradcent.experiments.presets import PRESETS
 
     for name, preset in PRESETS.items():
-        print(f"{name:10s} {preset.description}")
+        print(f"{name:15s} {preset.description}")
     return 0
 
 

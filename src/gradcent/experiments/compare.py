@@ -94,7 +94,7 @@ def run_compare(
     """
     from tqdm.auto import tqdm
 
-    from gradcent.experiments.datasets import build_dataset
+    from gradcent.experiments.datasets import dataset_for
 
     for name in cfg.variants:
         get_variant(name)  # fail before training anything
@@ -102,7 +102,7 @@ def run_compare(
     out.mkdir(parents=True, exist_ok=True)
     if current().is_main:  # under torchrun rank 0 alone writes files
         cfg.save(out / "config.json")
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained)
+    data = dataset_for(cfg)
     jobs = [
         (point, pcfg, v, s)
         for point, pcfg in sweep_points(cfg)
