@@ -34,12 +34,16 @@ PaperLookup = Callable[[str, str], "dict[str, str] | None"]
 
 
 def primary_metric(results: Sequence[dict[str, Any]]) -> str:
-    """``test_acc`` for classification; ``test_ap`` (else ``test_loss``) for detection."""
+    """The headline metric of a comparison.
+
+    ``test_acc`` for classification; ``test_ap`` (else ``test_loss``) for
+    detection; ``test_bpc`` (validation bits per character) for language models.
+    """
 
     def has(metric: str) -> bool:
         return any(math.isfinite(float(r["final"].get(metric, math.nan))) for r in results)
 
-    for metric in ("test_acc", "test_ap"):
+    for metric in ("test_acc", "test_bpc", "test_ap"):
         if has(metric):
             return metric
     return "test_loss"
@@ -65,6 +69,8 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
         Rows with point, variant, n, seeds, metric, metric mean/std/diff/p,
         train_loss mean/std/diff/p, s_per_epoch, gc_share (NaN when the runs'
         ``impl`` fuses GC into the optimizer step, which is not timed apart).
+        Language models (metric ``test_bpc``) also get ``test_loss``, the
+        validation loss in nats per character.
 
     References:
         Yong et al., ECCV 2020, Tables 1-9; Welch, Biometrika 1947.
@@ -90,7 +96,7 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
                 "metric": metric,
                 "reference": ref_name,
             }
-            for key in (metric, "train_loss"):
+            for key in _row_keys(metric):
                 c = compare(
                     [r["final"].get(key, math.nan) for r in runs],
                     [r["final"].get(key, math.nan) for r in ref],
@@ -105,6 +111,25 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
             )
             rows.append(row)
     return rows
+
+
+def _row_keys(metric: str) -> tuple[str, ...]:
+    """The summarized metrics of a row: the primary one (for LMs: nats and bits) and train loss."""
+    if metric == "test_bpc":
+        return ("test_loss", "test_bpc", "train_loss")
+    return (metric, "train_loss")
+
+
+def _columns(metric: str) -> list[tuple[str, str, int]]:
+    """``(key, header, decimals)`` of the metric columns, each followed by diff and p."""
+    if metric == "test_bpc":
+        return [
+            ("test_loss", "val loss nats/char", 4),
+            ("test_bpc", "bits/char", 4),
+            ("train_loss", "train loss", 4),
+        ]
+    name = {"test_acc": "test acc %", "test_ap": "test AP", "test_loss": "test loss"}[metric]
+    return [(metric, name, 2), ("train_loss", "train loss", 4)]
 
 
 def _fmt(d: dict[str, float], n: int, digits: int) -> str:
@@ -135,40 +160,23 @@ def format_table(
     """
     if not rows:
         return "(no finished runs)"
-    metric = rows[0]["metric"]
-    name = {"test_acc": "test acc %", "test_ap": "test AP", "test_loss": "test loss"}[metric]
-    header = [
-        "point",
-        "variant",
-        "n",
-        name,
-        "diff",
-        "p",
-        "train loss",
-        "diff",
-        "p",
-        "s/epoch",
-        "GC %",
-    ]
+    columns = _columns(rows[0]["metric"])
+    header = ["point", "variant", "n"]
+    for _, name, _ in columns:
+        header += [name, "diff", "p"]
+    header += ["s/epoch", "GC %"]
     lines = []
     paper_col = []
     for row in rows:
-        m, t = row[metric], row["train_loss"]
-        lines.append(
-            [
-                row["point"] or "-",
-                row["variant"],
-                str(row["n"]),
-                _fmt(m, row["n"], 2),
-                _diff(m, 2),
-                format_p(m["p"]),
-                _fmt(t, row["n"], 4),
-                _diff(t, 4),
-                format_p(t["p"]),
-                f"{row['s_per_epoch']:.2f}",
-                "n/a" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}",
-            ]
-        )
+        line = [row["point"] or "-", row["variant"], str(row["n"])]
+        for key, _, digits in columns:
+            m = row[key]
+            line += [_fmt(m, row["n"], digits), _diff(m, digits), format_p(m["p"])]
+        line += [
+            f"{row['s_per_epoch']:.2f}",
+            "n/a" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}",
+        ]
+        lines.append(line)
         paper_col.append(_paper_value(paper, paper_table, row))
     if any(paper_col):
         header.append(f"paper ({paper_table})")
@@ -190,6 +198,11 @@ def format_table(
         f"diff: variant mean - {ref} mean; p: two-sided Welch t-test vs {ref}; "
         "± is the sample std (ddof=1) over seeds"
     )
+    if rows[0]["metric"] == "test_bpc":
+        out.append(
+            "val loss: cross-entropy on the validation text in nats per character; "
+            "bits/char = val loss / ln 2"
+        )
     if any(math.isnan(row["gc_share"]) for row in rows):
         out.append(
             "GC % n/a (in the step): with --impl other than default GC is fused "
@@ -257,6 +270,7 @@ CSV_FIELDS = (
     "test_acc",
     "test_loss",
     "test_ap",
+    "test_bpc",
     "train_loss",
     "train_acc",
     "epochs",
@@ -307,7 +321,14 @@ def write_results(
                     "seed": r["seed"],
                     **{
                         k: r["final"].get(k, "")
-                        for k in ("test_acc", "test_loss", "test_ap", "train_loss", "train_acc")
+                        for k in (
+                            "test_acc",
+                            "test_loss",
+                            "test_ap",
+                            "test_bpc",
+                            "train_loss",
+                            "train_acc",
+                        )
                     },
                     "epochs": r["epochs"],
                     "epoch_time": r["epoch_time"],
