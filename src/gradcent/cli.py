@@ -1,4 +1,4 @@
-"""The ``gradcent`` command: ``train``, ``compare``, ``diagnose``, ``presets``.
+"""The ``gradcent`` command: ``train``, ``compare``, ``diagnose``, ``presets``, ``report``.
 
 Argument parsing only: every option becomes a field of
 :class:`~gradcent.experiments.config.RunConfig` and the work is done in
@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps for Fig. 4 (default 200)",
     )
     sub.add_parser("presets", help="list the paper presets")
+    report = sub.add_parser(
+        "report", help="markdown table(s) of finished comparisons, from their results.json"
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folders of compare")
+    report.add_argument(
+        "--no-command", action="store_true", help="only the tables, not the reproducing command"
+    )
     return parser
 
 
@@ -302,6 +309,14 @@ def cmd_presets() -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``gradcent report RUN_DIR...``: each folder's markdown table, from its results.json."""
+    from gradcent.experiments.report import report_run
+
+    print("\n\n".join(report_run(d, command=not args.no_command) for d in args.runs))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradcent`` command.
 
@@ -320,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "presets":
         return cmd_presets()
     try:
+        if args.command == "report":
+            return cmd_report(args)
         cfg = resolve_config(args)
         if args.resume and not args.out:
             raise ValueError("--resume needs --out (the folder of the run to continue)")

@@ -160,6 +160,53 @@ def format_table(
     """
     if not rows:
         return "(no finished runs)"
+    header, lines, notes = _cells(rows, paper, paper_table)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+    return "\n".join(out + notes)
+
+
+def format_markdown(
+    rows: Sequence[dict[str, Any]], paper: PaperLookup | None = None, paper_table: str | None = None
+) -> str:
+    """The report as a markdown table (the cells of :func:`format_table`), then its notes.
+
+    Args:
+        rows: from :func:`summary_rows`.
+        paper: ``paper.paper_numbers``-like lookup (adds a "paper" column).
+        paper_table: the preset's paper table.
+
+    Returns:
+        A GitHub-flavoured markdown table: text columns left-aligned, numbers
+        right-aligned; the notes follow as plain lines.
+
+    References:
+        Yong et al., ECCV 2020, Tables 1-9.
+
+    """
+    if not rows:
+        return "(no finished runs)"
+    header, lines, notes = _cells(rows, paper, paper_table)
+    text_cols = 2 if header[0] == "point" else 1
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "|".join(":--" if i < text_cols else "--:" for i in range(len(header))) + "|"
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines), "", *notes])
+
+
+def _cells(
+    rows: Sequence[dict[str, Any]], paper: PaperLookup | None, paper_table: str | None
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, one line of cells per row, and the notes of a report table."""
     columns = _columns(rows[0]["metric"])
     header = ["point", "variant", "n"]
     for _, name, _ in columns:
@@ -184,31 +231,22 @@ def format_table(
             line.append(value or "-")
     if all(line[0] == "-" for line in lines):  # no sweep: drop the point column
         header, lines = header[1:], [line[1:] for line in lines]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
-
-    def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(
-            str(c).rjust(w) if i else str(c).ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
     ref = rows[0]["reference"]
-    out.append(
+    notes = [
         f"diff: variant mean - {ref} mean; p: two-sided Welch t-test vs {ref}; "
         "± is the sample std (ddof=1) over seeds"
-    )
+    ]
     if rows[0]["metric"] == "test_bpc":
-        out.append(
+        notes.append(
             "val loss: cross-entropy on the validation text in nats per character; "
             "bits/char = val loss / ln 2"
         )
     if any(math.isnan(row["gc_share"]) for row in rows):
-        out.append(
+        notes.append(
             "GC % n/a (in the step): with --impl other than default GC is fused "
             "into the optimizer step and not timed apart"
         )
-    return "\n".join(out)
+    return header, lines, notes
 
 
 def _paper_value(paper: PaperLookup | None, table: str | None, row: dict[str, Any]) -> str:
@@ -337,3 +375,142 @@ def write_results(
                 }
             )
     return json_path, csv_path
+
+
+# RunConfig options the command line sets, in the order `gradcent compare` shows them.
+_CLI_OPTIONS = (
+    "dataset",
+    "data",
+    "download",
+    "model",
+    "context",
+    "gpt_layers",
+    "gpt_heads",
+    "gpt_width",
+    "norm",
+    "ws",
+    "pretrained",
+    "optimizer",
+    "impl",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "subset",
+    "image_size",
+    "gc_mode",
+    "variants",
+    "seeds",
+    "sweep",
+    "device",
+    "threads",
+)
+# Options that change no number (a log or the worker count) are left out.
+_SILENT = ("preset", "quiet", "workers")
+
+
+def _flag_value(name: str, value: Any) -> str | None:
+    """The command-line text of one option's value (None: not expressible)."""
+    if name == "seeds":
+        seeds = list(value)
+        return str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
+    if name == "variants":
+        return ",".join(value)
+    if name == "sweep":
+        keys = {k for point in value.values() for k in point}
+        if len(keys) != 1:
+            return None
+        key = keys.pop()
+        values = [point[key] for point in value.values()]
+        if list(value) != [f"{key}={v}" for v in values]:
+            return None  # named points (a preset's) have no --sweep spelling
+        return f"{key.replace('_', '-')}={','.join(str(v) for v in values)}"
+    return str(value)
+
+
+def command_line(config: dict[str, Any], command: str = "compare") -> str:
+    """The ``gradcent`` command that reproduces a run folder's config.
+
+    ``--preset`` when the config came from one, then every option that differs
+    from the preset's (or the defaults'); options with no command-line flag
+    (a preset's milestones, say) are appended as a ``# also: ...`` comment.
+
+    Args:
+        config: ``RunConfig.to_dict()`` as stored in ``results.json``.
+        command: ``"compare"`` or ``"train"``.
+
+    Returns:
+        One line, ``gradcent compare --preset demo --seeds 10``.
+
+    References:
+        Yong et al., ECCV 2020, §5 (what a result needs to be reproduced).
+
+    """
+    from dataclasses import fields
+
+    from gradcent.experiments.config import resolve
+    from gradcent.experiments.presets import PRESETS
+
+    cfg = RunConfig.from_dict(config)
+    preset = PRESETS.get(cfg.preset) if cfg.preset else None
+    base = resolve(preset)
+    words = ["gradcent", command] + (["--preset", cfg.preset] if preset else [])
+    extra = []
+    for f in fields(RunConfig):
+        name = f.name
+        value, default = getattr(cfg, name), getattr(base, name)
+        if name in _SILENT or value == default:
+            continue
+        text = _flag_value(name, value) if name in _CLI_OPTIONS else None
+        if isinstance(value, bool) and text is not None:
+            if value:
+                words.append(f"--{name.replace('_', '-')}")
+                continue
+            text = None  # a flag cannot be switched off
+        if text is None:
+            extra.append(f"{name}={value!r}")
+        else:
+            words += [f"--{name.replace('_', '-')}", text]
+    line = " ".join(w if " " not in w and w else repr(w) for w in words)
+    return line + (f"  # also: {', '.join(extra)}" if extra else "")
+
+
+def report_run(run_dir: str | Path, command: bool = True) -> str:
+    """The markdown table of one comparison folder, from its ``results.json``.
+
+    The rows are recomputed from the stored per-run results with the current
+    :func:`summary_rows`, so every table of the docs comes from the same
+    statistics code; the command that reproduces the folder comes first.
+
+    Args:
+        run_dir: a folder written by ``gradcent compare`` (or the Python API).
+        command: print the reproducing command above the table.
+
+    Returns:
+        Markdown: the command in backticks, the table and its notes.
+
+    Raises:
+        FileNotFoundError: no ``results.json`` in ``run_dir``.
+        ValueError: ``results.json`` is not a comparison's.
+
+    References:
+        Yong et al., ECCV 2020, Tables 1-9.
+
+    """
+    from gradcent.experiments.paper import paper_numbers
+
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No results.json in {run_dir} (expected the --out folder of a finished "
+            "`gradcent compare`)"
+        )
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or "runs" not in doc or "config" not in doc:
+        raise ValueError(f"{path} is not a comparison's results.json (no 'runs' / 'config')")
+    cfg = doc["config"]
+    rows = summary_rows(doc["runs"], cfg["variants"])
+    out = [f"`{command_line(cfg)}`", ""] if command else []
+    out.append(format_markdown(rows, paper_numbers, cfg.get("paper_table")))
+    return "\n".join(out)
