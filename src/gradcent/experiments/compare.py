@@ -205,6 +205,8 @@ def compare(
         optimizer: ``sgd`` (SGDM), ``sgdw``, ``adam``, ``adamw`` or ``adagrad``.
         lr: learning rate.
         out: the comparison's folder (default ``runs/compare-python-<UTC time>``).
+            Finished runs in it are reused (resume); the config records the
+            datasets by their types only, so give other data a new ``out``.
         dataset: instead of ``train`` / ``test``: a dataset name or
             ``"module:function"`` (with ``data``, as ``--dataset`` / ``--data``).
         data: the dataset folder or file for ``dataset``.
