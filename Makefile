@@ -33,7 +33,7 @@ $(OLDEST_STAMP): Makefile pyproject.toml
 	touch $(OLDEST_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gradcent compare --dataset digits --model smallcnn --optimizer sgd --variants baseline,gc --seeds 5 --epochs 6
+	$(BIN)/gradcent compare --preset demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

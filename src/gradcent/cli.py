@@ -1,4 +1,4 @@
-"""The ``gradcent`` command: ``train``, ``compare``, ``diagnose``, ``presets``.
+"""The ``gradcent`` command: ``train``, ``compare``, ``diagnose``, ``presets``, ``report``.
 
 Argument parsing only: every option becomes a field of
 :class:`~gradcent.experiments.config.RunConfig` and the work is done in
@@ -99,9 +99,27 @@ def _positive_int(text: str) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a paper protocol (see `gradcent presets`)")
-    p.add_argument("--dataset", help="digits (default), cifar100, imagefolder, coco, ...")
-    p.add_argument("--data", help="dataset folder (not for digits, which is bundled)")
-    p.add_argument("--model", help="smallcnn (default), resnet18, ...")
+    p.add_argument(
+        "--dataset",
+        help="digits (default), mnist, fashionmnist, text, cifar100, imagefolder, coco, "
+        "... or MODULE:FUNCTION",
+    )
+    p.add_argument(
+        "--data", help="dataset folder, or the text file (not for digits, which is bundled)"
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="mnist / fashionmnist: let torchvision fetch missing files into --data",
+    )
+    p.add_argument("--model", help="smallcnn (default), resnet20, gpt, ... or MODULE:FUNCTION")
+    p.add_argument(
+        "--context", type=_positive_int, help="text: characters per window (default 128)"
+    )
+    p.add_argument("--gpt-layers", type=_positive_int, help="gpt: blocks (default 4)")
+    p.add_argument("--gpt-heads", type=_positive_int, help="gpt: attention heads (default 4)")
+    p.add_argument("--gpt-width", type=_positive_int, help="gpt: model width (default 128)")
     p.add_argument("--norm", help="bn, gn or none")
     p.add_argument("--ws", action="store_true", default=None, help="weight-standardised convs")
     p.add_argument(
@@ -178,12 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps for Fig. 4 (default 200)",
     )
     sub.add_parser("presets", help="list the paper presets")
+    report = sub.add_parser(
+        "report", help="markdown table(s) of finished comparisons, from their results.json"
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--out folders of compare")
+    report.add_argument(
+        "--no-command", action="store_true", help="only the tables, not the reproducing command"
+    )
     return parser
 
 
 _CONFIG_OPTIONS = (
     "dataset",
     "data",
+    "download",
+    "context",
+    "gpt_layers",
+    "gpt_heads",
+    "gpt_width",
     "model",
     "norm",
     "ws",
@@ -280,7 +310,15 @@ def cmd_presets() -> int:
     from gradcent.experiments.presets import PRESETS
 
     for name, preset in PRESETS.items():
-        print(f"{name:10s} {preset.description}")
+        print(f"{name:15s} {preset.description}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``gradcent report RUN_DIR...``: each folder's markdown table, from its results.json."""
+    from gradcent.experiments.report import report_run
+
+    print("\n\n".join(report_run(d, command=not args.no_command) for d in args.runs))
     return 0
 
 
@@ -302,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "presets":
         return cmd_presets()
     try:
+        if args.command == "report":
+            return cmd_report(args)
         cfg = resolve_config(args)
         if args.resume and not args.out:
             raise ValueError("--resume needs --out (the folder of the run to continue)")

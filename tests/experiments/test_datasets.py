@@ -50,8 +50,9 @@ def test_subset_is_deterministic_and_evenly_spaced():
 
 
 def test_unknown_dataset_lists_names():
-    with pytest.raises(ValueError, match="digits"):
-        build_dataset("mnist")
+    with pytest.raises(ValueError, match="digits") as err:
+        build_dataset("svhn")
+    assert "fashionmnist" in str(err.value) and "MODULE:FUNCTION" in str(err.value)
 
 
 # --- CIFAR-100, python format ----------------------------------------------------

@@ -162,3 +162,47 @@ def test_preset_runs_one_tiny_step():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+SMALL_PRESETS = ("fmnist-table1", "fmnist-table2", "fmnist-table3", "fmnist-table4", "mnist-table1")
+
+
+def test_cpu_presets_carry_their_subset_seeds_and_estimate():
+    for name in SMALL_PRESETS:
+        p = get_preset(name)
+        cfg = resolve(p)
+        assert (cfg.subset, cfg.seeds) == (5000, (0, 1, 2, 3, 4))
+        assert (cfg.epochs, cfg.milestones) == (4, (3,))
+        assert (cfg.batch_size, cfg.momentum, cfg.gc_mode) == (128, 0.9, "conv")
+        assert cfg.dataset == ("mnist" if name.startswith("mnist") else "fashionmnist")
+        assert "Reduced for one CPU core" in p.description and "Estimate: ~" in p.description
+        for overrides in p.sweep.values():  # every model of the sweep fits 28x28x1
+            model = build_model(overrides.get("model", p.model), 10, in_channels=1)
+            assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    # explicit options still win over the preset's
+    assert resolve(get_preset("fmnist-table1"), subset=100, seeds=(7,)).subset == 100
+    assert list(get_preset("fmnist-table1").sweep) == [
+        "smallcnn",
+        "resnet20",
+        "vgg11_slim",
+        "densenet_slim",
+    ]
+    assert {o["optimizer"] for o in get_preset("fmnist-table2").sweep.values()} == {
+        "sgd",
+        "adam",
+        "adagrad",
+        "sgdw",
+        "adamw",
+    }
+    wds = [o["weight_decay"] for o in get_preset("fmnist-table3").sweep.values()]
+    assert wds == [0.0, 1e-4, 5e-4, 1e-3]
+    assert len(get_preset("fmnist-table4").sweep) == 6
+
+
+def test_presets_command_lists_the_cpu_presets(capsys):
+    from gradcent.cli import main
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in (*SMALL_PRESETS, "shakespeare-gpt"):
+        assert f"\n{name} " in out or out.startswith(f"{name} ")

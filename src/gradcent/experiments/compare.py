@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+import time
+import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
 
 from gradcent.experiments.config import RunConfig
 from gradcent.experiments.distributed_run import current
@@ -129,7 +134,7 @@ def run_compare(
     """
     from tqdm.auto import tqdm
 
-    from gradcent.experiments.datasets import build_dataset
+    from gradcent.experiments.datasets import dataset_for
 
     for name in cfg.variants:
         get_variant(name)  # fail before training anything
@@ -144,7 +149,7 @@ def run_compare(
     # nothing on disk: the folder's config, each run's files, then the data.
     check_compare_dir(out, cfg)
     done = [check_run_dir(run_dir(out, p, v, s), pcfg, v, s)[0] for p, pcfg, v, s in jobs]
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained)
+    data = dataset_for(cfg)
     if cfg.pretrained is not None and None in done:  # a run to train loads these weights
         load_torch_file(cfg.pretrained, what="pretrained checkpoint")
     out.mkdir(parents=True, exist_ok=True)
@@ -188,3 +193,127 @@ def run_compare(
     (out / "table.txt").write_text(table + "\n")
     files.append(out / "table.txt")
     return Outcome(results, rows, table, plots, files)
+
+
+def _seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:
+    """``5`` -> seeds 0..4; a sequence -> those seeds (the CLI's ``--seeds``)."""
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"Invalid seeds: {seeds} (expected a count >= 1 or a list)")
+        return tuple(range(seeds))
+    return tuple(int(s) for s in seeds)
+
+
+def compare(
+    model: str | Callable[[int, int], nn.Module],
+    train: Dataset | None = None,
+    test: Dataset | None = None,
+    num_classes: int | None = None,
+    *,
+    variants: Sequence[str] = ("baseline", "gc"),
+    seeds: int | Sequence[int] = 5,
+    epochs: int = 6,
+    optimizer: str = "sgd",
+    lr: float = 0.05,
+    out: str | Path | None = None,
+    dataset: str | None = None,
+    data: str | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Compare GC variants on your own model and data: ``gradcent compare`` from Python.
+
+    The same code path as the command line: a :class:`RunConfig` is resolved,
+    every (variant, seed) is trained by :func:`run_compare` in its own folder
+    under ``out`` (resumable), and ``results.json``, ``results.csv``,
+    ``table.txt`` and the curves are written there. A function ``model`` runs
+    exactly as ``--model MODULE:FUNCTION`` would, and ``train`` / ``test`` as
+    ``--dataset MODULE:FUNCTION`` returning ``(train, test, num_classes)``.
+
+    Args:
+        model: a function ``(num_classes, in_channels) -> nn.Module`` (called
+            once per run, right after seeding), a built-in model name or a
+            ``"module:function"`` string.
+        train: map-style dataset of ``(input tensor, int label)`` pairs.
+        test: the evaluation dataset, same kind.
+        num_classes: number of labels (needed with ``train``).
+        variants: the variants compared (``baseline``, ``gc``, ``gcc``, ...).
+        seeds: a count N (seeds 0..N-1) or the seeds.
+        epochs: training epochs of every run.
+        optimizer: ``sgd`` (SGDM), ``sgdw``, ``adam``, ``adamw`` or ``adagrad``.
+        lr: learning rate.
+        out: the comparison's folder (default ``runs/compare-python-<UTC time>``).
+            Finished runs in it are reused (resume); the config records the
+            datasets by their types only, so give other data a new ``out``.
+        dataset: instead of ``train`` / ``test``: a dataset name or
+            ``"module:function"`` (with ``data``, as ``--dataset`` / ``--data``).
+        data: the dataset folder or file for ``dataset``.
+        log: called with each per-epoch line (``print`` to see them); None: silent.
+        **options: any other :class:`RunConfig` option (``batch_size``,
+            ``weight_decay``, ``momentum``, ``gc_mode``, ``milestones``, ...).
+
+    Returns:
+        The table's rows (``report.summary_rows``): per variant the mean, std,
+        difference to the baseline and Welch p-value of the test metric and
+        the training loss, seconds per epoch and GC's share.
+
+    Raises:
+        ValueError: a bad option, a missing ``num_classes``, or a model or
+            dataset that breaks the plugin contract (named in the message).
+
+    Example:
+        >>> rows = compare(model=build, train=train_set, test=test_set,  # doctest: +SKIP
+        ...                num_classes=10, seeds=3, epochs=2, out="runs/mine")
+
+    References:
+        Yong et al., ECCV 2020, §5 (each table compares variants of one setup).
+
+    """
+    from gradcent.experiments.config import resolve
+    from gradcent.experiments.plugins import register
+
+    if callable(model) and not isinstance(model, str):
+        model = register(model, "model")
+    if train is not None or test is not None:
+        if train is None or test is None or dataset is not None:
+            raise ValueError("Pass both train and test datasets (and no dataset name), or neither")
+        if num_classes is None:
+            raise ValueError("num_classes is needed with train / test datasets")
+
+        def provide(_data: str | None) -> tuple[Dataset, Dataset, int]:
+            return train, test, num_classes
+
+        provide.__qualname__ = f"{type(train).__name__}+{type(test).__name__}"
+        provide.__module__ = "python"
+        dataset = register(provide, "dataset")
+    cfg = resolve(
+        None,
+        model=model,
+        dataset=dataset,
+        data=data,
+        variants=tuple(variants),
+        seeds=_seeds(seeds),
+        epochs=epochs,
+        optimizer=optimizer,
+        lr=lr,
+        **options,
+    )
+    if out is None:
+        out = Path("runs") / f"compare-python-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    return run_compare(cfg, out, log=log, progress=False).rows
+
+
+class _CallableModule(types.ModuleType):
+    """The ``compare`` module, callable: ``gradcent.experiments.compare(...)`` is :func:`compare`.
+
+    The Python API shares its name with this module (``gradcent compare``); a
+    callable module gives both ``from gradcent.experiments.compare import
+    run_compare`` and ``gradcent.experiments.compare(model=...)`` without making
+    ``import gradcent.experiments`` pay for matplotlib and scipy.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

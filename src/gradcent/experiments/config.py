@@ -35,7 +35,11 @@ class RunConfig:
         dataset: dataset name understood by ``experiments.datasets``.
         data: folder or file of the dataset (None for the bundled digits).
         fine_grained: fine-grained transforms (resize 512, crop 448; §5.5).
-        subset: keep only this many training (and test) samples, for smoke runs.
+        subset: keep only this many training (and test) samples, for smoke runs
+            (``text``: training and validation windows).
+        download: ``mnist`` / ``fashionmnist``: let torchvision fetch missing files.
+        context: ``text`` / ``gpt``: characters per window (the model's context).
+        gpt_layers, gpt_heads, gpt_width: ``gpt`` size (None: 4, 4, 128).
         image_size: detection models only: the resize target of their transform
             (torchvision's default 800 when None); small values make CPU smoke
             runs of the COCO presets feasible.
@@ -76,6 +80,11 @@ class RunConfig:
     data: str | None = None
     fine_grained: bool = False
     subset: int | None = None
+    download: bool = False
+    context: int = 128
+    gpt_layers: int | None = None
+    gpt_heads: int | None = None
+    gpt_width: int | None = None
     image_size: int | None = None
     model: str = "smallcnn"
     norm: str = "bn"
@@ -185,6 +194,12 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"Invalid batch size: {cfg.batch_size} (expected >= 1)")
     if cfg.subset is not None and cfg.subset < 1:
         raise ValueError(f"Invalid subset: {cfg.subset} (expected >= 1)")
+    if cfg.context < 1:
+        raise ValueError(f"Invalid context: {cfg.context} (expected >= 1 characters)")
+    for name in ("gpt_layers", "gpt_heads", "gpt_width"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"Invalid {name}: {value} (expected >= 1)")
     if cfg.image_size is not None and cfg.image_size < 32:
         raise ValueError(f"Invalid image size: {cfg.image_size} (expected >= 32)")
     if cfg.workers < 0:
@@ -244,6 +259,12 @@ _PRESET_FIELDS = (
     "paper_table",
     "lr_pretrained",
     "fine_grained",
+    "subset",
+    "seeds",
+    "context",
+    "gpt_layers",
+    "gpt_heads",
+    "gpt_width",
 )
 
 

@@ -20,6 +20,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,11 +48,14 @@ class DataSpec:
         train: the training set (items ``(input, target)``).
         test: the evaluation set.
         num_classes: number of classes (detection: including background).
-        in_channels: image channels (1 for digits, 3 otherwise).
-        image_size: side of the (square) network input in pixels.
-        task: ``"classification"`` or ``"detection"``.
+        in_channels: image channels (1 for digits and MNIST, 3 otherwise).
+        image_size: side of the (square) network input in pixels (``text``:
+            the context length in characters).
+        task: ``"classification"``, ``"detection"`` or ``"lm"`` (next-character
+            prediction; ``num_classes`` is then the vocabulary size).
         collate_fn: the DataLoader collate function (None: default stacking;
             detection batches are lists).
+        vocab: ``lm`` only: the characters, in id order.
 
     References:
         Yong et al., ECCV 2020, §5.1.
@@ -65,6 +69,7 @@ class DataSpec:
     image_size: int
     task: str
     collate_fn: Callable | None = None
+    vocab: str | None = None
 
 
 def _digits(data: str | None, **_: object) -> DataSpec:
@@ -378,8 +383,199 @@ def _coco(data: str | None, **_: object) -> DataSpec:
     return DataSpec(train, test, num_classes, 3, 800, "detection", collate_fn=collate_detection)
 
 
+# The training-set pixel mean / std of the 60,000 images, the usual values
+# (MNIST: torchvision's examples; Fashion-MNIST: computed the same way).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+FASHIONMNIST_MEAN, FASHIONMNIST_STD = 0.2860, 0.3530
+# Random-crop padding for 28x28 images: 2 pixels, the paper's CIFAR recipe (4 on
+# 32x32) scaled down; digits and clothes are never flipped (a flipped 2 is no 2).
+MNIST_PADDING = 2
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _mnist_like(name: str, data: str | None, download: bool) -> DataSpec:
+    """MNIST or Fashion-MNIST through ``torchvision.datasets``, 28x28x1, 10 classes."""
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
+    cls = {"MNIST": tvd.MNIST, "FashionMNIST": tvd.FashionMNIST}[name]
+    mean, std = {
+        "MNIST": (MNIST_MEAN, MNIST_STD),
+        "FashionMNIST": (FASHIONMNIST_MEAN, FASHIONMNIST_STD),
+    }[name]
+    layout = f"ROOT/{name}/raw/ with {', '.join(_MNIST_FILES)} (idx files, uncompressed)"
+    if data is None:
+        raise DatasetError(
+            f"{name.lower()} needs --data ROOT, the folder holding {name}/raw/: "
+            f"expected {layout}; add --download to let torchvision fetch it; see {DOCS}"
+        )
+    raw = Path(data) / name / "raw"
+    if not download and not all((raw / f).is_file() for f in _MNIST_FILES):
+        missing = [f for f in _MNIST_FILES if not (raw / f).is_file()]
+        raise DatasetError(
+            f"Expected {layout} at {raw}, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing. Pass --download to let "
+            f"torchvision fetch {name} into {Path(data)}, or copy the files there; see {DOCS}."
+        )
+    normalize = [T.ToTensor(), T.Normalize((mean,), (std,))]
+    train_tf = T.Compose([T.RandomCrop(28, padding=MNIST_PADDING), *normalize])
+    try:
+        train = cls(str(data), train=True, transform=train_tf, download=download)
+        test = cls(str(data), train=False, transform=T.Compose(normalize), download=download)
+    except Exception as err:  # bad idx headers surface as assertion / shape / key errors
+        raise DatasetError(
+            f"{raw} does not hold readable {name} idx files ({type(err).__name__}: {err}); "
+            f"expected {layout}; see {DOCS}"
+        ) from err
+    for split in (train, test):
+        if split.data.ndim != 3 or tuple(split.data.shape[1:]) != (28, 28):
+            raise DatasetError(
+                f"{raw}: images of shape {tuple(split.data.shape)}, expected (N, 28, 28)"
+            )
+        if len(split.targets) != len(split.data):
+            raise DatasetError(f"{raw}: {len(split.data)} images but {len(split.targets)} labels")
+        if split.targets.numel() and int(split.targets.max()) >= 10:
+            raise DatasetError(f"{raw}: a label is {int(split.targets.max())}, expected 0..9")
+    return DataSpec(train, test, 10, 1, 28, "classification")
+
+
+def _mnist(data: str | None, download: bool = False, **_: object) -> DataSpec:
+    """MNIST (LeCun et al. 1998) from ``ROOT/MNIST/raw``."""
+    return _mnist_like("MNIST", data, download)
+
+
+def _fashionmnist(data: str | None, download: bool = False, **_: object) -> DataSpec:
+    """Fashion-MNIST (Xiao et al. 2017) from ``ROOT/FashionMNIST/raw``."""
+    return _mnist_like("FashionMNIST", data, download)
+
+
+# The last tenth of a text file is its validation split (contiguous, so no
+# validation window overlaps a training one).
+TEXT_VALIDATION = 0.1
+
+
+class CharWindows(Dataset):
+    """Non-overlapping windows of a character-id sequence, for next-character prediction.
+
+    Item ``i`` is ``(ids[s : s + context], ids[s + 1 : s + context + 1])`` with
+    ``s = i * context``: the targets are the inputs shifted by one character.
+
+    References:
+        Karpathy, char-rnn (2015) and nanoGPT (character-level Shakespeare).
+
+    """
+
+    def __init__(self, ids: torch.Tensor, context: int) -> None:
+        self.ids, self.context = ids, context
+
+    def __len__(self) -> int:
+        return max(0, (len(self.ids) - 1) // self.context)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = i * self.context
+        chunk = self.ids[s : s + self.context + 1]
+        return chunk[:-1], chunk[1:]
+
+
+def _text(data: str | None, context: int = 128, **_: object) -> DataSpec:
+    """Character-level language modelling on a UTF-8 text file.
+
+    The vocabulary is every distinct character of the whole file (so validation
+    has no unknown character); the first 90% trains, the last 10% validates.
+    """
+    if data is None:
+        raise DatasetError(f"text needs --data FILE: a UTF-8 text file; see {DOCS}")
+    if context < 1:
+        raise ValueError(f"Invalid context: {context} (expected >= 1 characters)")
+    path = Path(data)
+    if not path.is_file():
+        raise DatasetError(f"Expected a UTF-8 text file at {path}, but it is missing; see {DOCS}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path} is not UTF-8 text ({err}); see {DOCS}") from err
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+    cut = int(len(ids) * (1 - TEXT_VALIDATION))
+    train, test = CharWindows(ids[:cut], context), CharWindows(ids[cut:], context)
+    if len(train) == 0 or len(test) == 0:
+        raise DatasetError(
+            f"{path} has {len(text)} characters: too few for one training and one "
+            f"validation window of {context} characters (need > {int(context / TEXT_VALIDATION)})"
+        )
+    return DataSpec(train, test, len(vocab), 1, context, "lm", vocab="".join(vocab))
+
+
+def plugin_dataset(spec: str, data: str | None) -> DataSpec:
+    """A user's dataset: ``MODULE:FUNCTION`` with ``FUNCTION(data) -> (train, test, num_classes)``.
+
+    ``MODULE`` is imported with the current directory on ``sys.path``; the two
+    datasets are map-style datasets of ``(input tensor, int label)`` pairs and
+    ``in_channels`` / ``image_size`` are read from the first training input.
+
+    Args:
+        spec: ``"module:function"`` (``module`` may be dotted).
+        data: the ``--data`` value, passed through (None when not given).
+
+    Returns:
+        A classification :class:`DataSpec`.
+
+    Raises:
+        DatasetError: the module or function is missing, or it returns
+            something else than ``(train, test, num_classes)``.
+
+    """
+    from gradcent.experiments.plugins import load_plugin
+
+    fn = load_plugin(spec, "dataset", DatasetError)
+    out = fn(data)
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise DatasetError(
+            f"dataset plugin {spec!r} returned {type(out).__name__}; expected a tuple "
+            "(train_dataset, test_dataset, num_classes)"
+        )
+    train, test, num_classes = out
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise DatasetError(
+            f"dataset plugin {spec!r}: num_classes is {num_classes!r}; expected an int >= 1"
+        )
+    for split, ds in (("train", train), ("test", test)):
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")) or len(ds) == 0:
+            raise DatasetError(
+                f"dataset plugin {spec!r}: the {split} dataset is {type(ds).__name__}; expected "
+                "a non-empty map-style dataset of (input tensor, int label) pairs"
+            )
+    first = train[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2):
+        raise DatasetError(
+            f"dataset plugin {spec!r}: train[0] is {type(first).__name__}; expected an "
+            "(input tensor, int label) pair"
+        )
+    x = first[0]
+    if not isinstance(x, torch.Tensor) or x.ndim not in (1, 3):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DatasetError(
+            f"dataset plugin {spec!r}: train[0][0] is {shape}; expected a tensor "
+            "(C, H, W) for images or (features,) for vectors"
+        )
+    in_channels = int(x.shape[0]) if x.ndim == 3 else 1
+    image_size = int(x.shape[-1])
+    return DataSpec(train, test, num_classes, in_channels, image_size, "classification")
+
+
 _BUILDERS: dict[str, Callable[..., DataSpec]] = {
     "digits": _digits,
+    "mnist": _mnist,
+    "fashionmnist": _fashionmnist,
+    "text": _text,
     "cifar100": _cifar100,
     "imagefolder": _image_folder,
     # Mini-ImageNet (84x84 images) goes through the ImageNet pipeline, upsampled to
@@ -422,39 +618,76 @@ def build_dataset(
     subset: int | None = None,
     seed: int = 0,
     fine_grained: bool = False,
+    download: bool = False,
+    context: int = 128,
 ) -> DataSpec:
     """Build a dataset by name.
 
     Args:
         name: one of :func:`dataset_names` (``digits`` needs no files;
             ``finegrained`` is ``imagefolder`` with ``fine_grained=True``;
-            ``miniimagenet`` is ``imagefolder``).
-        data: the dataset folder (None for ``digits``, which is bundled: a
-            folder given for it is an error); see docs/DATASETS.md.
+            ``miniimagenet`` is ``imagefolder``), or ``MODULE:FUNCTION`` for a
+            plugin (see :func:`plugin_dataset`).
+        data: the dataset folder or file (None for ``digits``, which is
+            bundled: a folder given for it is an error); see docs/DATASETS.md.
         subset: keep ``subset`` evenly spaced samples (deterministic) of train
-            and of test, to shrink a run.
+            and of test, to shrink a run (``text``: training and validation
+            windows).
         seed: accepted for a uniform call; every split here is fixed, so that
             all seeds of a comparison see the same test set.
         fine_grained: imagefolder only: resize 512x512 / centre crop 448 (§5.5).
+        download: ``mnist`` / ``fashionmnist`` only: let torchvision fetch the
+            files into ``data`` when they are missing.
+        context: ``text`` only: characters per training window.
 
     Returns:
         A :class:`DataSpec`.
 
     Raises:
         ValueError: unknown name (listing the valid ones) or bad subset.
-        DatasetError: the data is missing or malformed.
+        DatasetError: the data is missing or malformed, or a plugin is broken.
 
     References:
         Yong et al., ECCV 2020, §5.1.
 
     """
     del seed  # every split here is fixed
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in _BUILDERS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(dataset_names())}")
-    if fine_grained and key not in ("imagefolder", "finegrained"):
-        raise ValueError(f"fine_grained applies to imagefolder datasets, not {name!r}")
-    spec = _BUILDERS[key](data, fine_grained=fine_grained)
+    if ":" in name:
+        spec = plugin_dataset(name, data)
+    else:
+        key = name.lower().replace("-", "").replace("_", "")
+        if key not in _BUILDERS:
+            raise ValueError(
+                f"Unknown dataset {name!r}; valid names: {', '.join(dataset_names())} "
+                "or MODULE:FUNCTION"
+            )
+        if fine_grained and key not in ("imagefolder", "finegrained"):
+            raise ValueError(f"fine_grained applies to imagefolder datasets, not {name!r}")
+        if download and key not in ("mnist", "fashionmnist"):
+            raise ValueError(f"download applies to mnist and fashionmnist, not {name!r}")
+        spec = _BUILDERS[key](data, fine_grained=fine_grained, download=download, context=context)
     spec.train = _first(spec.train, subset)
     spec.test = _first(spec.test, subset)
     return spec
+
+
+def dataset_for(cfg: Any) -> DataSpec:
+    """The dataset a run config names (duck-typed on ``config.RunConfig``).
+
+    Args:
+        cfg: an object with ``dataset``, ``data``, ``subset``, ``fine_grained``,
+            ``download`` and ``context``.
+
+    Returns:
+        :func:`build_dataset` of those options.
+
+    """
+    return build_dataset(
+        cfg.dataset,
+        cfg.data,
+        cfg.subset,
+        seed=0,
+        fine_grained=cfg.fine_grained,
+        download=getattr(cfg, "download", False),
+        context=getattr(cfg, "context", 128),
+    )

@@ -267,9 +267,9 @@ def run_diagnose(
         Yong et al., ECCV 2020, Fig. 3 and Fig. 4.
 
     """
-    from gradcent.experiments.datasets import build_dataset
+    from gradcent.experiments.datasets import dataset_for
 
-    data = build_dataset(cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained)
+    data = dataset_for(cfg)
     with reproducible(cfg.deterministic, cfg.threads):
         files = list(figure3(cfg, out, data, checkpoint, seed))
         files += figure4(cfg, out, data, iterations, seed=seed)

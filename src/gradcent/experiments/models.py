@@ -251,7 +251,9 @@ def vgg11(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module
     channels = in_channels
     for v in _VGG11:
         if v == "M":
-            layers.append(nn.MaxPool2d(2))
+            # ceil_mode: 28x28 inputs go 14-7-4-2-1 instead of reaching 0x0 at the
+            # fifth pool; on even sizes (32x32: 16-8-4-2-1) nothing changes.
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
         else:
             layers += [nn.Conv2d(channels, v, 3, padding=1), make_norm(v), nn.ReLU(inplace=True)]
             channels = v
@@ -261,6 +263,148 @@ def vgg11(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module
     model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     model.classifier = nn.Linear(512, num_classes)
     return model
+
+
+class _BasicBlockA(nn.Module):
+    """CIFAR ResNet basic block with the parameter-free "option A" shortcut.
+
+    When the block halves the map and doubles the width, the shortcut takes
+    every other pixel and pads the new channels with zeros (He et al. 2016,
+    §4.2, option A), so the 20/32-layer nets keep their ~0.27M / ~0.46M weights.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, make_norm: NormFactory) -> None:
+        super().__init__()
+        self.conv1 = _stem(in_planes, planes, 3, stride)
+        self.bn1 = make_norm(planes)
+        self.conv2 = _stem(planes, planes, 3, 1)
+        self.bn2 = make_norm(planes)
+        self.stride, self.pad = stride, planes - in_planes
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            x = nn.functional.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def cifar_resnet_small(
+    depth: int, num_classes: int, in_channels: int = 3, norm: str = "bn"
+) -> nn.Module:
+    """The CIFAR ResNet-20/32/44/56 of He et al. 2016: 3 stages of widths 16/32/64.
+
+    ``depth = 6n + 2``: a 3x3 conv to 16 channels, three stages of ``n`` basic
+    blocks (the second and third start with stride 2), global average pool and
+    a linear classifier. ResNet-20 has 0.27M weights, ResNet-32 0.46M, small
+    enough for a CPU. Works on any input of at least 4x4 (28x28: 28-14-7).
+
+    Args:
+        depth: 20, 32, 44 or 56 (any ``6n + 2``).
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+
+    Returns:
+        The network; its classifier is ``fc``.
+
+    Raises:
+        ValueError: a depth that is not ``6n + 2``.
+
+    References:
+        He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, §4.2.
+
+    """
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"Invalid CIFAR ResNet depth: {depth} (expected 6n + 2, e.g. 20, 32)")
+    n = (depth - 2) // 6
+    make_norm = norm_layer(norm)
+    layers: list[nn.Module] = [_stem(in_channels, 16, 3, 1), make_norm(16), nn.ReLU(inplace=True)]
+    in_planes = 16
+    for stage, planes in enumerate((16, 32, 64)):
+        for block in range(n):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(_BasicBlockA(in_planes, planes, stride, make_norm))
+            in_planes = planes
+    model = nn.Sequential()
+    model.features = nn.Sequential(*layers)
+    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.fc = nn.Linear(64, num_classes)
+    nn.init.kaiming_normal_(model.fc.weight)
+    return model
+
+
+# VGG-11's eight convs at 1/8 of the width: the Table 1 VGG at the size of the
+# 28x28 presets (0.15M weights instead of 9.2M).
+_VGG11_SLIM = tuple(v if v == "M" else v // 8 for v in _VGG11)
+
+
+def vgg11_slim(num_classes: int, in_channels: int = 1, norm: str = "bn") -> nn.Module:
+    """VGG-11 (8 convs, 5 pools, BN) at 1/8 width, sized for 28x28 CPU runs.
+
+    Args:
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+
+    Returns:
+        The network; its classifier is ``classifier``.
+
+    References:
+        Simonyan & Zisserman, ICLR 2015; Yong et al., ECCV 2020, §5.3 (V11).
+
+    """
+    make_norm = norm_layer(norm)
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for v in _VGG11_SLIM:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))  # 28-14-7-4-2-1
+        else:
+            layers += [nn.Conv2d(channels, v, 3, padding=1), make_norm(v), nn.ReLU(inplace=True)]
+            channels = v
+    model = nn.Sequential()
+    model.features = nn.Sequential(*layers)
+    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.classifier = nn.Linear(channels, num_classes)
+    return model
+
+
+def densenet_slim(num_classes: int, in_channels: int = 1, norm: str = "bn") -> nn.Module:
+    """DenseNet-BC-40 (growth 12) for 28x28 CPU runs: three dense blocks of 6 layers.
+
+    torchvision's DenseNet (BN-ReLU-conv bottlenecks, transitions that halve
+    the channels and the map) with a 3x3 stem to 24 channels followed by a 2x2
+    max pool (28 -> 14, as the ImageNet DenseNet pools after its stem), so
+    the blocks run at 14, 7 and 3 pixels: the Table 1 DenseNet's design at
+    0.18M weights instead of 7M, at about ResNet-20's CPU cost.
+
+    Args:
+        num_classes: classifier outputs.
+        in_channels: input channels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"``.
+
+    Returns:
+        The network; its classifier is ``classifier``.
+
+    References:
+        Huang et al., CVPR 2017 (DenseNet-BC); Yong et al., ECCV 2020, §5.3 (D121).
+
+    """
+    model = torchvision.models.DenseNet(
+        growth_rate=12,
+        block_config=(6, 6, 6),
+        num_init_features=24,
+        bn_size=4,
+        num_classes=num_classes,
+    )
+    model.features.conv0 = _stem(in_channels, 24, 3, 1)
+    model.features.pool0 = nn.MaxPool2d(2)
+    return _swap_norm(model, norm)
 
 
 def densenet121(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
@@ -351,20 +495,175 @@ def detector(
     return _swap_norm(model, norm)
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: one ``qkv`` Linear, SDPA, an output ``proj``.
+
+    References:
+        Vaswani et al., NeurIPS 2017; Radford et al. 2019 (GPT-2).
+
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        b, t, c = x.shape
+        q, k, v = (
+            z.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+            for z in self.qkv(x).split(c, dim=2)
+        )
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class GPTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """A small decoder-only transformer for character-level language modelling.
+
+    Token and learned position embeddings, ``layers`` pre-LN blocks (causal
+    ``F.scaled_dot_product_attention``, GELU MLP of 4x width), a final
+    LayerNorm and a linear ``head`` to the vocabulary. No dropout. The input
+    embedding and the head are separate weights (not tied), so each has one
+    unambiguous GC decision.
+
+    GC under ``gradcent``'s rules (``gradcent.rules.plan``): every Linear (the
+    attention ``qkv`` and ``proj``, both MLP layers and the ``head``) is
+    centred per output unit (each row of its weight); the embeddings and every
+    1-D tensor (LayerNorm weights, biases) are left alone.
+
+    Args:
+        vocab: number of distinct characters.
+        context: the longest sequence (the position table's size).
+        layers, heads, width: depth, attention heads and model width
+            (``width`` must be a multiple of ``heads``).
+
+    References:
+        Radford et al. 2019 (GPT-2, pre-LN); Karpathy, nanoGPT (initialisation).
+
+    """
+
+    def __init__(self, vocab: int, context: int, layers: int, heads: int, width: int) -> None:
+        super().__init__()
+        if min(vocab, context, layers, heads, width) < 1 or width % heads:
+            raise ValueError(
+                f"Invalid gpt size: vocab={vocab} context={context} layers={layers} "
+                f"heads={heads} width={width} (all >= 1, width a multiple of heads)"
+            )
+        self.context = context
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[GPTBlock(width, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        # nanoGPT / GPT-2: N(0, 0.02) weights, zero biases, and the projections
+        # that write into the residual stream scaled by 1/sqrt(2 * layers).
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif param.ndim == 2:
+                std = (
+                    0.02 / math.sqrt(2 * layers)
+                    if name.endswith(("proj.weight", "2.weight"))
+                    else 0.02
+                )
+                nn.init.normal_(param, 0.0, std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-character logits ``(batch, time, vocab)`` for ids ``(batch, time)``."""
+        t = idx.shape[1]
+        if t > self.context:
+            raise ValueError(
+                f"Sequence of {t} characters is longer than the context {self.context}"
+            )
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        return self.head(self.ln_f(self.blocks(x)))
+
+
+GPT_DEFAULTS = {"layers": 4, "heads": 4, "width": 128}
+
+
+def gpt(
+    num_classes: int,
+    in_channels: int = 1,
+    norm: str = "bn",
+    context: int = 128,
+    layers: int | None = None,
+    heads: int | None = None,
+    width: int | None = None,
+) -> nn.Module:
+    """The ``gpt`` model: :class:`CharGPT` with ``num_classes`` = vocabulary size.
+
+    Defaults: 4 layers, 4 heads, width 128: 0.83M weights for an 84-character
+    vocabulary (the Shakespeare file) at context 128.
+
+    Args:
+        num_classes: the vocabulary size.
+        in_channels: unused (text has no channels).
+        norm: must be ``"bn"`` (the default, meaning "the model's own"): the
+            transformer always uses LayerNorm.
+        context: the longest sequence.
+        layers: transformer blocks (None: :data:`GPT_DEFAULTS`).
+        heads: attention heads (None: :data:`GPT_DEFAULTS`).
+        width: model width, a multiple of ``heads`` (None: :data:`GPT_DEFAULTS`).
+
+    Returns:
+        The model.
+
+    References:
+        Radford et al. 2019 (GPT-2).
+
+    """
+    del in_channels
+    if norm != "bn":
+        raise ValueError(f"Invalid norm for gpt: {norm!r} (the transformer always uses LayerNorm)")
+    return CharGPT(
+        num_classes,
+        context,
+        layers or GPT_DEFAULTS["layers"],
+        heads or GPT_DEFAULTS["heads"],
+        width or GPT_DEFAULTS["width"],
+    )
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "smallcnn": small_cnn,
+    "resnet20": lambda **kw: cifar_resnet_small(20, **kw),
+    "resnet32": lambda **kw: cifar_resnet_small(32, **kw),
     "resnet18": lambda **kw: cifar_resnet(18, **kw),
     "resnet50": lambda **kw: cifar_resnet(50, **kw),
     "resnet101": lambda **kw: cifar_resnet(101, **kw),
     "resnext29_4x64d": resnext29,
     "vgg11": vgg11,
+    "vgg11_slim": vgg11_slim,
     "densenet121": densenet121,
+    "densenet_slim": densenet_slim,
+    "gpt": gpt,
     "tv_resnet50": lambda **kw: tv_resnet(50, **kw),
     "tv_resnet101": lambda **kw: tv_resnet(101, **kw),
     "fasterrcnn_resnet50_fpn": lambda **kw: detector("faster", **kw),
     "maskrcnn_resnet50_fpn": lambda **kw: detector("mask", **kw),
 }
 DETECTION_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn")
+LM_MODELS = ("gpt",)
 
 
 def model_names() -> list[str]:
@@ -501,6 +800,57 @@ def param_groups_for_finetune(model: nn.Module, lr_new: float, lr_pretrained: fl
     return [{"params": new, "lr": lr_new}, {"params": rest, "lr": lr_pretrained}]
 
 
+def plugin_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A user's model: ``MODULE:FUNCTION`` with ``FUNCTION(num_classes, in_channels) -> nn.Module``.
+
+    Args:
+        spec: ``"module:function"``; ``module`` is imported with the current
+            directory on ``sys.path``.
+        num_classes: classifier outputs.
+        in_channels: input channels.
+
+    Returns:
+        The module the function built.
+
+    Raises:
+        ValueError: the module or function is missing, or it returns no ``nn.Module``.
+
+    """
+    from gradcent.experiments.plugins import load_plugin
+
+    model = load_plugin(spec, "model")(num_classes, in_channels)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model plugin {spec!r} returned {type(model).__name__}; expected a torch.nn.Module "
+            "built from (num_classes, in_channels)"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"model plugin {spec!r} returned a module without trainable parameters")
+    return model
+
+
+def check_task(name: str, task: str) -> None:
+    """Refuse a model on data it cannot take (an image net on text, gpt on images).
+
+    Raises:
+        ValueError: naming the model, the task and what to use instead.
+
+    """
+    if name in LM_MODELS and task != "lm":
+        raise ValueError(
+            f"Model {name!r} is a language model; it needs --dataset text (got {task} data)"
+        )
+    if task == "lm" and name not in LM_MODELS:
+        raise ValueError(
+            f"Model {name!r} cannot take text: --dataset text needs --model gpt "
+            f"(valid: {', '.join(LM_MODELS)})"
+        )
+    if task == "detection" and name not in DETECTION_MODELS:
+        raise ValueError(
+            f"Model {name!r} is not a detector; detection data needs one of {DETECTION_MODELS}"
+        )
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -509,36 +859,82 @@ def build_model(
     ws: bool = False,
     pretrained: str | None = None,
     image_size: int | None = None,
+    task: str | None = None,
+    **lm: int | None,
 ) -> nn.Module:
     """Build a model by name.
 
     Args:
-        name: one of :func:`model_names`.
-        num_classes: classifier outputs (detection: including background).
+        name: one of :func:`model_names`, or ``MODULE:FUNCTION`` for a user's
+            builder called as ``FUNCTION(num_classes, in_channels)`` (``norm``
+            is then not used; ``ws`` still converts its convs).
+        num_classes: classifier outputs (detection: including background;
+            ``gpt``: the vocabulary size).
         in_channels: input image channels.
         norm: ``"bn"``, ``"gn"`` (GroupNorm(32)), ``"frozenbn"`` or ``"none"``.
         ws: replace every Conv2d by a weight-standardized :class:`WSConv2d`.
         pretrained: path of a checkpoint to load; a classifier of another size
             is left freshly initialized (see :func:`load_pretrained`).
         image_size: detection models only: the transform's resize target.
+        task: the data's task; when given, a model that cannot take it is
+            refused (:func:`check_task`).
+        **lm: ``gpt`` only: ``context``, ``layers``, ``heads``, ``width``.
 
     Returns:
         The model.
 
     Raises:
-        ValueError: unknown name (listing the valid ones) or norm.
+        ValueError: unknown name (listing the valid ones), norm, or task.
 
     References:
         Yong et al., ECCV 2020, §5.
 
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(model_names())}")
-    norm_layer(norm)  # validate early, naming the bad value
-    kwargs = {"image_size": image_size} if name in DETECTION_MODELS else {}
-    model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, norm=norm, **kwargs)
+    if ":" in name:
+        if task not in (None, "classification"):
+            raise ValueError(f"Model plugin {name!r} takes classification data, not {task}")
+        model = plugin_model(name, num_classes, in_channels)
+    else:
+        if name not in _BUILDERS:
+            raise ValueError(
+                f"Unknown model {name!r}; valid names: {', '.join(model_names())} "
+                "or MODULE:FUNCTION"
+            )
+        if task is not None:
+            check_task(name, task)
+        norm_layer(norm)  # validate early, naming the bad value
+        kwargs: dict[str, object] = {"image_size": image_size} if name in DETECTION_MODELS else {}
+        if name in LM_MODELS:
+            kwargs.update({k: v for k, v in lm.items() if v is not None})
+        model = _BUILDERS[name](
+            num_classes=num_classes, in_channels=in_channels, norm=norm, **kwargs
+        )
     if pretrained is not None:
         load_pretrained(model, pretrained)
     if ws:
         convert_to_ws(model)  # same state_dict keys, so loading before or after is equal
     return model
+
+
+def data_options(cfg: object, data: object) -> dict[str, object]:
+    """The :func:`build_model` options a run's data decides: its task, and gpt's size.
+
+    Args:
+        cfg: the run config (``context``, ``gpt_layers``, ``gpt_heads``, ``gpt_width``).
+        data: the ``datasets.DataSpec`` (its ``task``).
+
+    Returns:
+        ``{"task": ...}``, plus ``context`` / ``layers`` / ``heads`` / ``width``
+        for language-model data.
+
+    """
+    task = getattr(data, "task", "classification")
+    if task != "lm":
+        return {"task": task}
+    return {
+        "task": task,
+        "context": getattr(cfg, "context", 128),
+        "layers": getattr(cfg, "gpt_layers", None),
+        "heads": getattr(cfg, "gpt_heads", None),
+        "width": getattr(cfg, "gpt_width", None),
+    }

@@ -28,7 +28,27 @@ LABELS = {
     "test_acc": "test accuracy (%)",
     "test_loss": "test loss",
     "test_ap": "test bbox AP",
+    "test_bpc": "validation bits per character",
 }
+# Language models (histories with "test_bpc"): losses are per character and the
+# test split is the validation text.
+LM_LABELS = {
+    "train_loss": "training loss (nats/char)",
+    "test_loss": "validation loss (nats/char)",
+}
+
+
+def _panels(runs: Mapping[str, Sequence[History]], metrics: Sequence[str]) -> list[str]:
+    """The metrics to draw: accuracy becomes val loss + bits/char for an LM, test loss if absent."""
+    out: list[str] = []
+    for m in metrics:
+        if _has(runs, m):
+            out.append(m)
+        elif m == "test_acc" and _has(runs, "test_bpc"):
+            out += ["test_loss", "test_bpc"]
+        else:
+            out.append("test_loss")
+    return out
 
 
 def _band(
@@ -65,7 +85,9 @@ def plot_curves(
             with ``"epoch"`` and the metrics).
         path: the PNG to write.
         metrics: one panel each; a metric no run has (test accuracy in
-            detection) is replaced by ``test_loss``.
+            detection) is replaced by ``test_loss``, and for language models
+            (histories with ``test_bpc``) by the validation loss in nats per
+            character and bits per character.
         title: figure title.
 
     Returns:
@@ -75,7 +97,8 @@ def plot_curves(
         Yong et al., ECCV 2020, Fig. 5.
 
     """
-    metrics = [m if _has(runs, m) else "test_loss" for m in metrics]
+    metrics = _panels(runs, metrics)
+    labels = {**LABELS, **LM_LABELS} if _has(runs, "test_bpc") else LABELS
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for name, hs in runs.items():
@@ -90,7 +113,7 @@ def plot_curves(
             ax.fill_between(epochs, low, mean + std, color=line.get_color(), alpha=0.2)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(LABELS.get(metric, metric))
+        ax.set_ylabel(labels.get(metric, metric))
         if metric.endswith("loss"):
             ax.set_yscale("log")  # losses span decades; Fig. 5 reads better in log
         ax.grid(alpha=0.3)

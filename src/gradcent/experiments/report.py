@@ -34,12 +34,16 @@ PaperLookup = Callable[[str, str], "dict[str, str] | None"]
 
 
 def primary_metric(results: Sequence[dict[str, Any]]) -> str:
-    """``test_acc`` for classification; ``test_ap`` (else ``test_loss``) for detection."""
+    """The headline metric of a comparison.
+
+    ``test_acc`` for classification; ``test_ap`` (else ``test_loss``) for
+    detection; ``test_bpc`` (validation bits per character) for language models.
+    """
 
     def has(metric: str) -> bool:
         return any(math.isfinite(float(r["final"].get(metric, math.nan))) for r in results)
 
-    for metric in ("test_acc", "test_ap"):
+    for metric in ("test_acc", "test_bpc", "test_ap"):
         if has(metric):
             return metric
     return "test_loss"
@@ -65,6 +69,8 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
         Rows with point, variant, n, seeds, metric, metric mean/std/diff/p,
         train_loss mean/std/diff/p, s_per_epoch, gc_share (NaN when the runs'
         ``impl`` fuses GC into the optimizer step, which is not timed apart).
+        Language models (metric ``test_bpc``) also get ``test_loss``, the
+        validation loss in nats per character.
 
     References:
         Yong et al., ECCV 2020, Tables 1-9; Welch, Biometrika 1947.
@@ -90,7 +96,7 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
                 "metric": metric,
                 "reference": ref_name,
             }
-            for key in (metric, "train_loss"):
+            for key in _row_keys(metric):
                 c = compare(
                     [r["final"].get(key, math.nan) for r in runs],
                     [r["final"].get(key, math.nan) for r in ref],
@@ -105,6 +111,25 @@ def summary_rows(results: Sequence[dict[str, Any]], variants: Sequence[str]) -> 
             )
             rows.append(row)
     return rows
+
+
+def _row_keys(metric: str) -> tuple[str, ...]:
+    """The summarized metrics of a row: the primary one (for LMs: nats and bits) and train loss."""
+    if metric == "test_bpc":
+        return ("test_loss", "test_bpc", "train_loss")
+    return (metric, "train_loss")
+
+
+def _columns(metric: str) -> list[tuple[str, str, int]]:
+    """``(key, header, decimals)`` of the metric columns, each followed by diff and p."""
+    if metric == "test_bpc":
+        return [
+            ("test_loss", "val loss nats/char", 4),
+            ("test_bpc", "bits/char", 4),
+            ("train_loss", "train loss", 4),
+        ]
+    name = {"test_acc": "test acc %", "test_ap": "test AP", "test_loss": "test loss"}[metric]
+    return [(metric, name, 2), ("train_loss", "train loss", 4)]
 
 
 def _fmt(d: dict[str, float], n: int, digits: int) -> str:
@@ -135,47 +160,7 @@ def format_table(
     """
     if not rows:
         return "(no finished runs)"
-    metric = rows[0]["metric"]
-    name = {"test_acc": "test acc %", "test_ap": "test AP", "test_loss": "test loss"}[metric]
-    header = [
-        "point",
-        "variant",
-        "n",
-        name,
-        "diff",
-        "p",
-        "train loss",
-        "diff",
-        "p",
-        "s/epoch",
-        "GC %",
-    ]
-    lines = []
-    paper_col = []
-    for row in rows:
-        m, t = row[metric], row["train_loss"]
-        lines.append(
-            [
-                row["point"] or "-",
-                row["variant"],
-                str(row["n"]),
-                _fmt(m, row["n"], 2),
-                _diff(m, 2),
-                format_p(m["p"]),
-                _fmt(t, row["n"], 4),
-                _diff(t, 4),
-                format_p(t["p"]),
-                f"{row['s_per_epoch']:.2f}",
-                "n/a" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}",
-            ]
-        )
-        paper_col.append(_paper_value(paper, paper_table, row))
-    if any(paper_col):
-        header.append(f"paper ({paper_table})")
-        for line, value in zip(lines, paper_col, strict=True):
-            line.append(value or "-")
-    if all(line[0] == "-" for line in lines):  # no sweep: drop the point column
-        header, lines = header[1:], [line[1:] for line in lines]
+    header, lines, notes = _cells(rows, paper, paper_table)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
 
     def fmt(cells: Sequence[str]) -> str:
@@ -185,17 +170,83 @@ def format_table(
         )
 
     out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+    return "\n".join(out + notes)
+
+
+def format_markdown(
+    rows: Sequence[dict[str, Any]], paper: PaperLookup | None = None, paper_table: str | None = None
+) -> str:
+    """The report as a markdown table (the cells of :func:`format_table`), then its notes.
+
+    Args:
+        rows: from :func:`summary_rows`.
+        paper: ``paper.paper_numbers``-like lookup (adds a "paper" column).
+        paper_table: the preset's paper table.
+
+    Returns:
+        A GitHub-flavoured markdown table: text columns left-aligned, numbers
+        right-aligned; the notes follow as plain lines.
+
+    References:
+        Yong et al., ECCV 2020, Tables 1-9.
+
+    """
+    if not rows:
+        return "(no finished runs)"
+    header, lines, notes = _cells(rows, paper, paper_table)
+    text_cols = 2 if header[0] == "point" else 1
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "|".join(":--" if i < text_cols else "--:" for i in range(len(header))) + "|"
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines), "", *notes])
+
+
+def _cells(
+    rows: Sequence[dict[str, Any]], paper: PaperLookup | None, paper_table: str | None
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, one line of cells per row, and the notes of a report table."""
+    columns = _columns(rows[0]["metric"])
+    header = ["point", "variant", "n"]
+    for _, name, _ in columns:
+        header += [name, "diff", "p"]
+    header += ["s/epoch", "GC %"]
+    lines = []
+    paper_col = []
+    for row in rows:
+        line = [row["point"] or "-", row["variant"], str(row["n"])]
+        for key, _, digits in columns:
+            m = row[key]
+            line += [_fmt(m, row["n"], digits), _diff(m, digits), format_p(m["p"])]
+        line += [
+            f"{row['s_per_epoch']:.2f}",
+            "n/a" if math.isnan(row["gc_share"]) else f"{row['gc_share']:.1f}",
+        ]
+        lines.append(line)
+        paper_col.append(_paper_value(paper, paper_table, row))
+    if any(paper_col):
+        header.append(f"paper ({paper_table})")
+        for line, value in zip(lines, paper_col, strict=True):
+            line.append(value or "-")
+    if all(line[0] == "-" for line in lines):  # no sweep: drop the point column
+        header, lines = header[1:], [line[1:] for line in lines]
     ref = rows[0]["reference"]
-    out.append(
+    notes = [
         f"diff: variant mean - {ref} mean; p: two-sided Welch t-test vs {ref}; "
         "± is the sample std (ddof=1) over seeds"
-    )
+    ]
+    if rows[0]["metric"] == "test_bpc":
+        notes.append(
+            "val loss: cross-entropy on the validation text in nats per character; "
+            "bits/char = val loss / ln 2"
+        )
     if any(math.isnan(row["gc_share"]) for row in rows):
-        out.append(
+        notes.append(
             "GC % n/a (in the step): with --impl other than default GC is fused "
             "into the optimizer step and not timed apart"
         )
-    return "\n".join(out)
+    return header, lines, notes
 
 
 def _paper_value(paper: PaperLookup | None, table: str | None, row: dict[str, Any]) -> str:
@@ -257,6 +308,7 @@ CSV_FIELDS = (
     "test_acc",
     "test_loss",
     "test_ap",
+    "test_bpc",
     "train_loss",
     "train_acc",
     "epochs",
@@ -307,7 +359,14 @@ def write_results(
                     "seed": r["seed"],
                     **{
                         k: r["final"].get(k, "")
-                        for k in ("test_acc", "test_loss", "test_ap", "train_loss", "train_acc")
+                        for k in (
+                            "test_acc",
+                            "test_loss",
+                            "test_ap",
+                            "test_bpc",
+                            "train_loss",
+                            "train_acc",
+                        )
                     },
                     "epochs": r["epochs"],
                     "epoch_time": r["epoch_time"],
@@ -316,3 +375,142 @@ def write_results(
                 }
             )
     return json_path, csv_path
+
+
+# RunConfig options the command line sets, in the order `gradcent compare` shows them.
+_CLI_OPTIONS = (
+    "dataset",
+    "data",
+    "download",
+    "model",
+    "context",
+    "gpt_layers",
+    "gpt_heads",
+    "gpt_width",
+    "norm",
+    "ws",
+    "pretrained",
+    "optimizer",
+    "impl",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "subset",
+    "image_size",
+    "gc_mode",
+    "variants",
+    "seeds",
+    "sweep",
+    "device",
+    "threads",
+)
+# Options that change no number (a log or the worker count) are left out.
+_SILENT = ("preset", "quiet", "workers")
+
+
+def _flag_value(name: str, value: Any) -> str | None:
+    """The command-line text of one option's value (None: not expressible)."""
+    if name == "seeds":
+        seeds = list(value)
+        return str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
+    if name == "variants":
+        return ",".join(value)
+    if name == "sweep":
+        keys = {k for point in value.values() for k in point}
+        if len(keys) != 1:
+            return None
+        key = keys.pop()
+        values = [point[key] for point in value.values()]
+        if list(value) != [f"{key}={v}" for v in values]:
+            return None  # named points (a preset's) have no --sweep spelling
+        return f"{key.replace('_', '-')}={','.join(str(v) for v in values)}"
+    return str(value)
+
+
+def command_line(config: dict[str, Any], command: str = "compare") -> str:
+    """The ``gradcent`` command that reproduces a run folder's config.
+
+    ``--preset`` when the config came from one, then every option that differs
+    from the preset's (or the defaults'); options with no command-line flag
+    (a preset's milestones, say) are appended as a ``# also: ...`` comment.
+
+    Args:
+        config: ``RunConfig.to_dict()`` as stored in ``results.json``.
+        command: ``"compare"`` or ``"train"``.
+
+    Returns:
+        One line, ``gradcent compare --preset demo --seeds 10``.
+
+    References:
+        Yong et al., ECCV 2020, §5 (what a result needs to be reproduced).
+
+    """
+    from dataclasses import fields
+
+    from gradcent.experiments.config import resolve
+    from gradcent.experiments.presets import PRESETS
+
+    cfg = RunConfig.from_dict(config)
+    preset = PRESETS.get(cfg.preset) if cfg.preset else None
+    base = resolve(preset)
+    words = ["gradcent", command] + (["--preset", cfg.preset] if preset else [])
+    extra = []
+    for f in fields(RunConfig):
+        name = f.name
+        value, default = getattr(cfg, name), getattr(base, name)
+        if name in _SILENT or value == default:
+            continue
+        text = _flag_value(name, value) if name in _CLI_OPTIONS else None
+        if isinstance(value, bool) and text is not None:
+            if value:
+                words.append(f"--{name.replace('_', '-')}")
+                continue
+            text = None  # a flag cannot be switched off
+        if text is None:
+            extra.append(f"{name}={value!r}")
+        else:
+            words += [f"--{name.replace('_', '-')}", text]
+    line = " ".join(w if " " not in w and w else repr(w) for w in words)
+    return line + (f"  # also: {', '.join(extra)}" if extra else "")
+
+
+def report_run(run_dir: str | Path, command: bool = True) -> str:
+    """The markdown table of one comparison folder, from its ``results.json``.
+
+    The rows are recomputed from the stored per-run results with the current
+    :func:`summary_rows`, so every table of the docs comes from the same
+    statistics code; the command that reproduces the folder comes first.
+
+    Args:
+        run_dir: a folder written by ``gradcent compare`` (or the Python API).
+        command: print the reproducing command above the table.
+
+    Returns:
+        Markdown: the command in backticks, the table and its notes.
+
+    Raises:
+        FileNotFoundError: no ``results.json`` in ``run_dir``.
+        ValueError: ``results.json`` is not a comparison's.
+
+    References:
+        Yong et al., ECCV 2020, Tables 1-9.
+
+    """
+    from gradcent.experiments.paper import paper_numbers
+
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No results.json in {run_dir} (expected the --out folder of a finished "
+            "`gradcent compare`)"
+        )
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or "runs" not in doc or "config" not in doc:
+        raise ValueError(f"{path} is not a comparison's results.json (no 'runs' / 'config')")
+    cfg = doc["config"]
+    rows = summary_rows(doc["runs"], cfg["variants"])
+    out = [f"`{command_line(cfg)}`", ""] if command else []
+    out.append(format_markdown(rows, paper_numbers, cfg.get("paper_table")))
+    return "\n".join(out)

@@ -55,7 +55,16 @@ from gradcent.optim._engine import Centralizer
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 # Options that do not change the numbers a run produces (may differ on resume).
-_NON_NUMERIC = ("quiet", "workers", "variants", "seeds", "sweep", "preset", "paper_table")
+_NON_NUMERIC = (
+    "quiet",
+    "workers",
+    "variants",
+    "seeds",
+    "sweep",
+    "preset",
+    "paper_table",
+    "download",
+)
 
 Log = Callable[[str], None]
 
@@ -225,12 +234,14 @@ def train_step(
         batch: ``(inputs, targets)`` from the loader.
         optimizer: the optimizer (GC happens inside its ``step``).
         device: where to compute.
-        task: ``"classification"`` (cross-entropy) or ``"detection"`` (the sum
-            of the model's loss dict, as torchvision's detection references).
+        task: ``"classification"`` (cross-entropy), ``"detection"`` (the sum
+            of the model's loss dict, as torchvision's detection references) or
+            ``"lm"`` (cross-entropy of every next character).
 
     Returns:
         (summed loss over the batch, correct predictions, batch size); detection
-        has no accuracy and returns 0 correct.
+        has no accuracy and returns 0 correct; ``lm`` counts characters and
+        returns 0 correct (it reports bits per character instead).
 
     """
     inputs, targets = _to(batch[0], device), _to(batch[1], device)
@@ -238,6 +249,9 @@ def train_step(
     if task == "detection":
         loss = sum(model(list(inputs), list(targets)).values())
         correct, n = 0, len(inputs)
+    elif task == "lm":
+        loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        correct, n = 0, targets.numel()
     else:
         logits = model(inputs)
         loss = nn.functional.cross_entropy(logits, targets)
@@ -257,7 +271,7 @@ def train_epoch(
     """Train for one pass over ``loader``.
 
     Returns:
-        (mean training loss, training accuracy in %; NaN for detection).
+        (mean training loss, training accuracy in %; NaN for detection and lm).
 
     """
     model.train()
@@ -267,7 +281,7 @@ def train_epoch(
         total, correct, n = total + loss_sum, correct + c, n + k
     if not math.isfinite(total):
         raise FloatingPointError(f"Training loss is {total} (diverged); lower the learning rate")
-    acc = 100.0 * correct / n if task != "detection" else math.nan
+    acc = 100.0 * correct / n if task not in ("detection", "lm") else math.nan
     return total / n, acc
 
 
@@ -275,15 +289,23 @@ def train_epoch(
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, task: str = "classification"
 ) -> dict[str, float]:
-    """Test loss and accuracy (classification) or loss and bbox AP (detection).
+    """Test loss and accuracy (classification), loss and bbox AP (detection) or bits/char (lm).
 
     Returns:
         ``{"test_loss": ..., "test_acc": ...}``; detection adds ``"test_ap"``
-        (NaN unless pycocotools is installed and the data is real COCO).
+        (NaN unless pycocotools is installed and the data is real COCO); ``lm``
+        gives the validation loss in nats per character and ``"test_bpc"``
+        (the same in bits: loss / ln 2), with ``test_acc`` NaN.
+
+    References:
+        Graves, "Generating Sequences With Recurrent Neural Networks", 2013
+        (bits per character).
 
     """
     if task == "detection":
         return _evaluate_detection(model, loader, device)
+    if task == "lm":
+        return _evaluate_lm(model, loader, device)
     model.eval()
     total, correct, n = 0.0, 0, 0
     for batch in loader:
@@ -293,6 +315,19 @@ def evaluate(
         correct += int((logits.argmax(1) == targets).sum())
         n += targets.numel()
     return {"test_loss": total / n, "test_acc": 100.0 * correct / n}
+
+
+def _evaluate_lm(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
+    """Validation cross-entropy per character (nats) and in bits per character."""
+    model.eval()
+    total, n = 0.0, 0
+    for batch in loader:
+        inputs, targets = _to(batch[0], device), _to(batch[1], device)
+        logits = model(inputs).flatten(0, 1)
+        total += float(nn.functional.cross_entropy(logits, targets.flatten(), reduction="sum"))
+        n += targets.numel()
+    loss = total / n
+    return {"test_loss": loss, "test_acc": math.nan, "test_bpc": loss / math.log(2)}
 
 
 def _coco_api(dataset: Dataset) -> Any:
@@ -523,7 +558,7 @@ def check_run_dir(
 
 def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch.device):
     """Model, optimizer, scheduler and GC timer of a fresh run (seeded first)."""
-    from gradcent.experiments.models import build_model
+    from gradcent.experiments.models import build_model, data_options
 
     seed_everything(seed)
     model = build_model(
@@ -532,6 +567,7 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
         in_channels=data.in_channels,
         pretrained=cfg.pretrained,
         **model_options(cfg, variant),
+        **data_options(cfg, data),
     ).to(device)
     # DDP / FSDP2 under torchrun (no-op otherwise), before the optimizer: GC plans
     # the parameters the optimizer will see (FSDP2's DTensors).
@@ -632,11 +668,9 @@ def train_run(
     if done is not None:
         return done
     if data is None:
-        from gradcent.experiments.datasets import build_dataset
+        from gradcent.experiments.datasets import dataset_for
 
-        data = build_dataset(
-            cfg.dataset, cfg.data, cfg.subset, seed=0, fine_grained=cfg.fine_grained
-        )
+        data = dataset_for(cfg)
     task = getattr(data, "task", "classification")
     collate = getattr(data, "collate_fn", None)
     ranks = distributed_run.current()
@@ -713,10 +747,15 @@ def train_run(
                     ckpt_path,
                 )
             if log is not None:
+                quality = (
+                    f"bits/char={row['test_bpc']:.4f}"
+                    if "test_bpc" in row
+                    else f"test_acc={row['test_acc']:.2f}"
+                )
                 log(
                     f"[{variant} seed={seed}] epoch {epoch + 1}/{cfg.epochs} "
                     f"train_loss={train_loss:.4f} test_loss={row['test_loss']:.4f} "
-                    f"test_acc={row['test_acc']:.2f} ({epoch_time:.2f}s, "
+                    f"{quality} ({epoch_time:.2f}s, "
                     f"GC {format_gc_time(row['gc_time'])})"
                 )
     result = summarize_run(cfg, variant, seed, history)
@@ -744,7 +783,7 @@ def summarize_run(
         "epochs": len(history),
         "final": {
             k: final[k]
-            for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_ap")
+            for k in ("train_loss", "train_acc", "test_loss", "test_acc", "test_ap", "test_bpc")
             if k in final
         },
         "epoch_time": epoch_time,
