@@ -3,23 +3,28 @@
 ``torchrun --nproc_per_node=N -m gradcent train ... --distributed ddp|fsdp`` starts
 N copies of the command; :func:`setup` joins them into one process group and
 makes a :class:`DistRun` the active run, which the training loop consults at
-five points:
+six points:
 
-* the model is wrapped (DDP, or FSDP2 on every layer that owns parameters)
-  before the optimizer is built, so GC plans the parameters the optimizer sees;
+* the model is wrapped (DDP, or FSDP2 on every topmost module that owns
+  parameters, see :func:`gradcent.distributed.shard_units`) before the
+  optimizer is built, so GC plans the parameters the optimizer sees;
 * each rank reads its part of every epoch through a ``DistributedSampler``
-  seeded by ``(seed, epoch)``; ``--batch-size`` stays the *global* batch (each
-  rank takes ``batch_size / N``), so a run means the same optimization at any
-  world size and resumes under another one;
+  seeded by ``(seed, epoch)``, and one process reads the whole epoch through
+  the same sampler (rank 0 of 1): the global order of samples does not depend
+  on the world size. ``--batch-size`` stays the *global* batch (each rank takes
+  ``batch_size / N``), so a run means the same optimization at any world size
+  and resumes under another one (docs/SCALING.md says how exactly);
 * metrics are averaged over ranks with one all-reduce (every rank sees the
   same number of samples: the sampler pads with up to N − 1 repeats, which FSDP
   needs, since every rank must run the same number of forward passes);
+* BatchNorm running statistics are averaged over the ranks at every epoch end,
+  so every rank evaluates and checkpoints the same model;
 * checkpoints hold full, unsharded state dicts in torch's own format, gathered
   with ``torch.distributed.checkpoint.state_dict`` and written by rank 0 only,
   so they resume under the same, another, or no world size;
 * only rank 0 logs and writes files.
 
-One process, ``--distributed none`` (the default), leaves everything as it was.
+One process, ``--distributed none`` (the default), is a run of world size 1.
 
 References:
     Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel
@@ -109,9 +114,29 @@ class DistRun:
         return model.module if self.kind == "ddp" and hasattr(model, "module") else model
 
     def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> Any:
-        """A ``DistributedSampler`` for this rank, or None when not distributed."""
-        if not self.active:
-            return None
+        """The share of the run's global order of samples that this rank reads.
+
+        The same sampler in one process (rank 0 of 1) as under torchrun, so the
+        global order is a function of ``seed`` alone (the training loop passes
+        one per ``(seed, epoch)``): a permutation of the dataset (or its order
+        when ``shuffle`` is False), padded with its first samples to a multiple
+        of the world size; rank ``r`` takes every ``world``-th sample from
+        ``r``. With a local batch of ``b`` each, global step ``k`` therefore
+        sees samples ``k·b·world ..`` of that order on the ranks together,
+        exactly the batch one process takes at step ``k``.
+
+        Args:
+            dataset: the data.
+            shuffle: permute (training) or keep the order (evaluation).
+            seed: seeds the permutation.
+
+        Returns:
+            A ``DistributedSampler`` for this rank.
+
+        References:
+            torch.utils.data.distributed.DistributedSampler.
+
+        """
         from torch.utils.data.distributed import DistributedSampler
 
         return DistributedSampler(
@@ -122,6 +147,45 @@ class DistRun:
             seed=seed,
             drop_last=False,
         )
+
+    def sync_batchnorm(self, model: nn.Module) -> None:
+        """Average BatchNorm running statistics over the ranks (one all-reduce).
+
+        Each rank updates its running mean and variance from its own local
+        batches (no SyncBatchNorm), so without this the ranks evaluate and hold
+        different models, and a checkpoint (rank 0's full state) could not
+        resume the others exactly. The training loop calls this at the end of
+        every epoch, before evaluating and checkpointing: every rank then
+        holds the checkpointed statistics, and ``--resume`` continues bit for
+        bit at any world size. Training itself is unchanged (in train mode
+        BatchNorm normalises with batch statistics, not the running ones).
+
+        Args:
+            model: the (wrapped) model; its BatchNorm buffers are plain
+                tensors under DDP and FSDP2 alike.
+
+        References:
+            Ioffe & Szegedy, ICML 2015 (BatchNorm running statistics); timm's
+            ``distribute_bn`` (the same average at every epoch end).
+
+        """
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        stats = [
+            t
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            for t in (m.running_mean, m.running_var)
+        ]
+        if not stats:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(_comm_device(), torch.float64) for t in stats])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for t, mean in zip(stats, flat.split([t.numel() for t in stats]), strict=True):
+            t.copy_(mean.view_as(t))
 
     def mean(self, values: Sequence[float]) -> list[float]:
         """The mean of each value over the ranks (one all-reduce)."""

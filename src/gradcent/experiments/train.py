@@ -489,10 +489,11 @@ def train_run(
 
     Returns:
         The result: variant, seed, per-epoch history (train_loss, train_acc,
-        test_loss, test_acc, lr, epoch_time, gc_time), final metrics, mean
+        test_loss, test_acc, lr, epoch_time, gc_time, world_size), final metrics, mean
         seconds per epoch, GC share of the epoch time (``gc_time`` and
         ``gc_share`` are NaN when ``cfg.impl`` fuses GC into the step), and
-        the config.
+        the config, and ``distributed``: the mode and world size of the
+        process that returned it.
 
     Raises:
         ValueError: a checkpoint from a different config, or bad options.
@@ -576,6 +577,7 @@ def train_run(
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
             scheduler.step()
+            ranks.sync_batchnorm(model)  # every rank evaluates and saves the same statistics
             row = {
                 "epoch": epoch + 1,
                 "lr": lr,
@@ -584,6 +586,7 @@ def train_run(
                 **_mean_over_ranks(ranks, evaluate(model, test_loader, device, task)),
                 "epoch_time": epoch_time,
                 "gc_time": timer.lap(),
+                "world_size": ranks.world,  # a resumed run may change it
             }
             history.append(row)
             # Full (unsharded) states: every rank joins the gather, rank 0 writes.
@@ -612,6 +615,7 @@ def train_run(
                     f"GC {format_gc_time(row['gc_time'])})"
                 )
     result = summarize_run(cfg, variant, seed, history)
+    result["distributed"] = {"mode": ranks.kind, "world_size": ranks.world}
     if result["finished"] and ranks.is_main:
         atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT)
     return result
