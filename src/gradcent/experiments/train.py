@@ -106,7 +106,8 @@ def make_loader(
         epoch: the epoch (0-based).
         workers: worker processes.
         collate_fn: batch collation (detection batches are lists).
-        sampler: picks this rank's samples under torchrun (it then shuffles).
+        sampler: picks the samples and their order (shuffling is then its job); the
+            training loop passes ``DistRun.sampler``, at any world size.
 
     Returns:
         The loader.
