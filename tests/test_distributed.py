@@ -465,3 +465,36 @@ def test_global_order_does_not_depend_on_world_size(world: int) -> None:
             step = sorted(i for r in ranks for i in r[k * b : (k + 1) * b])
             assert step == sorted(one[k * b * world : (k + 1) * b * world])
     assert list(DistRun().sampler(data, shuffle=False, seed=0)) == list(range(24))
+
+
+def test_one_process_keeps_the_order_it_always_had() -> None:
+    # The order of DataLoader(shuffle=True, generator=g): runs recorded before the
+    # ranks shared it (docs/RESULTS.md) are reproduced as they were.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradcent.experiments.distributed_run import DistRun
+
+    data = TensorDataset(torch.arange(50))
+    for seed in (0, 123_456_789_123):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        old = [
+            int(i)
+            for (batch,) in DataLoader(data, batch_size=7, shuffle=True, generator=g)
+            for i in batch
+        ]
+        assert list(DistRun().sampler(data, shuffle=True, seed=seed)) == old
+
+
+def test_rank_sampler_pads_with_the_first_samples() -> None:
+    from gradcent.experiments.distributed_run import RankSampler, global_order
+
+    order = global_order(5, shuffle=True, seed=3)
+    ranks = [list(RankSampler(5, shuffle=True, seed=3, rank=r, world=2)) for r in range(2)]
+    assert ranks == [order[0::2], [order[1], order[3], order[0]]]
+    assert [list(RankSampler(1, shuffle=False, seed=0, rank=r, world=3)) for r in range(3)] == [
+        [0],
+        [0],
+        [0],
+    ]
+    assert len(RankSampler(5, shuffle=True, seed=3, rank=1, world=2)) == 3

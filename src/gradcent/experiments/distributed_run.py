@@ -8,7 +8,7 @@ six points:
 * the model is wrapped (DDP, or FSDP2 on every topmost module that owns
   parameters, see :func:`gradcent.distributed.shard_units`) before the
   optimizer is built, so GC plans the parameters the optimizer sees;
-* each rank reads its part of every epoch through a ``DistributedSampler``
+* each rank reads its part of every epoch through a :class:`RankSampler`
   seeded by ``(seed, epoch)``, and one process reads the whole epoch through
   the same sampler (rank 0 of 1): the global order of samples does not depend
   on the world size. ``--batch-size`` stays the *global* batch (each rank takes
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 KINDS = ("none", "ddp", "fsdp")
 
@@ -113,17 +113,12 @@ class DistRun:
         """The model inside DDP (same parameters); FSDP2 and plain models as they are."""
         return model.module if self.kind == "ddp" and hasattr(model, "module") else model
 
-    def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> Any:
-        """The share of the run's global order of samples that this rank reads.
+    def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> RankSampler:
+        """The share of the global order of ``dataset`` that this rank reads (:class:`RankSampler`).
 
-        The same sampler in one process (rank 0 of 1) as under torchrun, so the
-        global order is a function of ``seed`` alone (the training loop passes
-        one per ``(seed, epoch)``): a permutation of the dataset (or its order
-        when ``shuffle`` is False), padded with its first samples to a multiple
-        of the world size; rank ``r`` takes every ``world``-th sample from
-        ``r``. With a local batch of ``b`` each, global step ``k`` therefore
-        sees samples ``k·b·world ..`` of that order on the ranks together,
-        exactly the batch one process takes at step ``k``.
+        The same sampler serves one process (rank 0 of 1) and torchrun's ranks,
+        so the global order is a function of ``seed`` alone; the training loop
+        passes one seed per ``(seed, epoch)``.
 
         Args:
             dataset: the data.
@@ -131,21 +126,11 @@ class DistRun:
             seed: seeds the permutation.
 
         Returns:
-            A ``DistributedSampler`` for this rank.
-
-        References:
-            torch.utils.data.distributed.DistributedSampler.
+            The sampler of this rank.
 
         """
-        from torch.utils.data.distributed import DistributedSampler
-
-        return DistributedSampler(
-            dataset,
-            num_replicas=self.world,
-            rank=self.rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=False,
+        return RankSampler(
+            len(dataset), shuffle=shuffle, seed=seed, rank=self.rank, world=self.world
         )
 
     def sync_batchnorm(self, model: nn.Module) -> None:
@@ -249,6 +234,66 @@ class DistRun:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def global_order(n: int, *, shuffle: bool, seed: int) -> list[int]:
+    """The order in which a run visits ``n`` samples in one epoch, at any world size.
+
+    Args:
+        n: the number of samples.
+        shuffle: a permutation seeded by ``seed`` (training), else ``0 .. n-1``.
+        seed: the epoch's seed.
+
+    Returns:
+        The sample indices, in order.
+
+    """
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator()
+    g.manual_seed(seed)
+    # The order one process has always used: DataLoader(shuffle=True, generator=g)
+    # first takes its workers' base seed from g, then RandomSampler permutes with
+    # g. Taking the same draw first keeps every recorded one-process run as it was.
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class RankSampler(Sampler[int]):
+    """Rank ``r``'s share of an epoch's global order: every ``world``-th sample from ``r``.
+
+    The order (:func:`global_order`) is padded with its first samples to a
+    multiple of ``world``, so that every rank runs the same number of steps
+    (each FSDP forward is a collective). With a local batch of ``b`` on each
+    rank, global step ``k`` reads samples ``k·b·world`` to ``(k+1)·b·world − 1``
+    of the order on the ranks together: the batch one process of batch
+    ``b·world`` reads at step ``k``. The same split as ``DistributedSampler``,
+    whose own permutation differs from one process's ``RandomSampler``.
+
+    Args:
+        n: the number of samples.
+        shuffle: permute (training) or keep the order (evaluation).
+        seed: the epoch's seed.
+        rank: this process's rank.
+        world: the number of ranks.
+
+    References:
+        torch.utils.data.distributed.DistributedSampler (the same split).
+
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = global_order(self.n, shuffle=self.shuffle, seed=self.seed)
+        total = len(self) * self.world
+        while len(order) < total:  # a few repeats (more than n only for tiny data)
+            order += order[: total - len(order)]
+        return iter(order[self.rank : total : self.world])
 
 
 def _full_options() -> Any:

@@ -1,7 +1,7 @@
 """One training run: seeded, deterministic on CPU, checkpointed every epoch, resumable.
 
 :func:`train_run` is the whole loop in one readable function; the per-step work
-is :func:`train_step` so that a distributed wrapper (DistributedSampler,
+is :func:`train_step` so that a distributed wrapper (a sampler per rank,
 DDP / FSDP) changes only :func:`make_loader` and the model it is given.
 
 Reproducibility: the model is built right after seeding torch, numpy and
