@@ -141,9 +141,10 @@ class DistRun:
         different models, and a checkpoint (rank 0's full state) could not
         resume the others exactly. The training loop calls this at the end of
         every epoch, before evaluating and checkpointing: every rank then
-        holds the checkpointed statistics, and ``--resume`` continues bit for
-        bit at any world size. Training itself is unchanged (in train mode
-        BatchNorm normalises with batch statistics, not the running ones).
+        holds the checkpointed statistics, so ``--resume`` at the same world
+        size continues bit for bit, and at another one starts from what every
+        rank held. Training itself is unchanged (in train mode BatchNorm
+        normalises with batch statistics, not the running ones).
 
         Args:
             model: the (wrapped) model; its BatchNorm buffers are plain
