@@ -2,8 +2,11 @@
 
 One launch of tests/dist_worker.py on 2 ranks trains the same model on the same
 global batch under DDP, under FSDP2 and in a single process, for every GC mode,
-``attach`` with folded decay and ``attach(where="update")``; the tests below judge
-what it saved.
+``attach`` with folded decay and ``attach(where="update")``, and layers that own
+parameters and have children with parameters (MultiheadAttention,
+TransformerEncoderLayer, LayerScale); a second launch (``--harness``) runs the
+training harness under DDP and FSDP2 (GroupNorm, BatchNorm, an interrupted and
+resumed run). The tests below judge what they saved.
 """
 
 from __future__ import annotations
