@@ -2,8 +2,11 @@
 
 One launch of tests/dist_worker.py on 2 ranks trains the same model on the same
 global batch under DDP, under FSDP2 and in a single process, for every GC mode,
-``attach`` with folded decay and ``attach(where="update")``; the tests below judge
-what it saved.
+``attach`` with folded decay and ``attach(where="update")``, and layers that own
+parameters and have children with parameters (MultiheadAttention,
+TransformerEncoderLayer, LayerScale); a second launch (``--harness``) runs the
+training harness under DDP and FSDP2 (GroupNorm, BatchNorm, an interrupted and
+resumed run). The tests below judge what they saved.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import OPTIMIZERS  # the worker trains each of these (tests/ is on sys.path)
+from dist_worker import (  # tests/ is on sys.path
+    LAYER_MODELS,
+    LAYER_OPTIMIZERS,
+    OPTIMIZERS,
+    LayerScale,
+    SelfAttention,
+    harness_config,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -68,8 +78,39 @@ def launch(args: list[str], world: int, tmp: Path, timeout: float) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("dist")
     out = tmp / "results.pt"
-    launch([str(WORKER), str(out)], WORLD, tmp, timeout=110)
+    launch([str(WORKER), str(out)], WORLD, tmp, timeout=150)
     return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the 2-rank training runs of ``dist_worker.HARNESS_RUNS``."""
+    tmp = tmp_path_factory.mktemp("harness")
+    launch([str(WORKER), "--harness", str(tmp)], WORLD, tmp, timeout=150)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The harness's GroupNorm run in this one process (same seed, same global batch)."""
+    from gradcent.experiments.datasets import build_dataset
+    from gradcent.experiments.train import train_run
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    data = build_dataset("digits", None, 200)
+    train_run(harness_config("gn"), "gc", 0, out, data=data, log=None)
+    return out
+
+
+def _metrics(result: dict) -> list[dict]:
+    # What the run computed; epoch_time and gc_time are measurements of the machine.
+    keys = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+    return [{k: row[k] for k in keys} for row in result["history"]]
+
+
+def _run(folder: Path) -> tuple[dict, dict]:
+    result = json.loads((folder / "result.json").read_text())
+    return result, torch.load(folder / "checkpoint.pt", weights_only=False)
 
 
 @pytest.mark.slow
@@ -238,7 +279,7 @@ def _digits_args(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_train_fsdp_on_two_ranks_resumes_on_one(tmp_path: Path) -> None:
+def test_train_fsdp_on_two_ranks_resumes_on_one(tmp_path: Path, harness: Path) -> None:
     from gradcent.cli import main
     from gradcent.experiments.datasets import build_dataset
     from gradcent.experiments.models import build_model
@@ -280,7 +321,17 @@ def test_train_fsdp_on_two_ranks_resumes_on_one(tmp_path: Path) -> None:
     result = json.loads((out / "result.json").read_text())
     assert result["finished"] and result["epochs"] == 2
     assert result["history"][0] == pytest.approx(row)
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    final = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert final["epoch"] == 2
+    # ... and continues the 2-rank run: epoch 2 in one process equals epoch 2 of
+    # the uninterrupted 2-rank FSDP run (same data order at any world size).
+    assert result["distributed"] == {"mode": "none", "world_size": 1}
+    assert [r["world_size"] for r in result["history"]] == [WORLD, 1]
+    two, two_ckpt = _run(harness / "fsdp-gn")
+    for got, want in zip(_metrics(result), _metrics(two), strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    for key, t in two_ckpt["model"].items():
+        torch.testing.assert_close(final["model"][key], t, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_unwrap_only_strips_ddp() -> None:
@@ -292,3 +343,161 @@ def test_unwrap_only_strips_ddp() -> None:
     assert DistRun("ddp", 0, 2).unwrap(wrapper) is inner
     assert DistRun("fsdp", 0, 2).unwrap(wrapper) is wrapper
     assert DistRun().unwrap(inner) is inner
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp-gn", "fsdp-gn"])
+def test_harness_two_ranks_equal_one_process(harness: Path, one_process: Path, name: str) -> None:
+    # Same seed and global batch: the ranks together read the very batches one
+    # process reads, so losses, accuracies and weights agree to float rounding.
+    result, ckpt = _run(harness / name)
+    ref, ref_ckpt = _run(one_process)
+    assert result["distributed"] == {"mode": name.split("-")[0], "world_size": WORLD}
+    assert ref["distributed"] == {"mode": "none", "world_size": 1}
+    assert [row["world_size"] for row in result["history"]] == [WORLD, WORLD]
+    got, want = _metrics(result), _metrics(ref)
+    for row, ref_row in zip(got, want, strict=True):
+        assert row == pytest.approx(ref_row, rel=1e-5, abs=1e-7)
+    assert ckpt["model"].keys() == ref_ckpt["model"].keys()
+    for key, t in ckpt["model"].items():
+        torch.testing.assert_close(t, ref_ckpt["model"][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp_batchnorm_resume_is_exact(harness: Path) -> None:
+    # Interrupted after epoch 1 and resumed on the same 2 ranks: bit for bit the
+    # uninterrupted run, BatchNorm's running statistics and test metrics included.
+    full, full_ckpt = _run(harness / "fsdp-bn")
+    resumed, resumed_ckpt = _run(harness / "fsdp-bn-resumed")
+    assert _metrics(resumed) == _metrics(full)
+    assert resumed_ckpt["model"].keys() == full_ckpt["model"].keys()
+    for key, t in full_ckpt["model"].items():
+        assert torch.equal(resumed_ckpt["model"][key], t), key
+    assert any("running_mean" in key for key in full_ckpt["model"])
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_averages_the_ranks(harness: Path) -> None:
+    check = torch.load(harness / "bn-sync.pt", weights_only=False)
+    assert check["plain"]  # FSDP2 leaves buffers as plain per-rank tensors
+    (m0, v0), (m1, v1) = check["before"]
+    assert not torch.equal(m0, m1)  # each rank saw its own batch
+    for mean, var in check["after"]:
+        torch.testing.assert_close(mean, (m0 + m1) / 2)
+        torch.testing.assert_close(var, (v0 + v1) / 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opt", LAYER_OPTIMIZERS)
+@pytest.mark.parametrize("kind", LAYER_MODELS)
+def test_fully_shard_model_on_layers_that_own_parameters(
+    results: dict, kind: str, opt: str
+) -> None:
+    # nn.MultiheadAttention (in_proj_weight and its out_proj), TransformerEncoderLayer
+    # and a LayerScale block under FSDP2: 3 gradcent steps equal one process.
+    ref, got = results[(f"{kind}-ref", opt)], results[(f"{kind}-fsdp", opt)]
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", LAYER_MODELS)
+def test_gc_changed_the_layer_runs(results: dict, kind: str) -> None:
+    ref, plain = results[(f"{kind}-ref", "sgd-all")], results[(f"{kind}-ref", "none")]
+    in_proj = next(n for n in ref if n.endswith("in_proj_weight"))
+    assert (ref[in_proj] - plain[in_proj]).abs().max().item() > 1e-3
+
+
+def test_shard_units_keep_a_module_with_its_children() -> None:
+    from torch import nn
+
+    from gradcent.distributed import shard_units
+
+    encoder = nn.TransformerEncoderLayer(8, 2, 16)
+    block = LayerScale(8)
+    attention = SelfAttention(8)
+    net = nn.Sequential(encoder, block, attention, nn.ReLU(), nn.Linear(8, 2))
+    units = shard_units(net)
+    # The encoder layer owns nothing itself: its sublayers are units. MHA keeps
+    # its out_proj (it reads out_proj.weight without calling out_proj) and the
+    # LayerScale block its Linears.
+    assert units == [
+        encoder.self_attn,
+        encoder.linear1,
+        encoder.linear2,
+        encoder.norm1,
+        encoder.norm2,
+        block,
+        attention.mha,
+        net[4],
+    ]
+    assert shard_units(nn.Sequential(net[4], net[4])) == [net[4]]  # shared: once
+
+
+def test_bottom_up_orders_nested_leaves_and_names_a_stranger() -> None:
+    from torch import nn
+
+    from gradcent.distributed import _bottom_up
+
+    block = LayerScale(8)
+    net = nn.Sequential(block, nn.Linear(8, 2))
+    assert _bottom_up(net, [block, net[1], block.fc1]) == [block.fc1, block, net[1]]
+    with pytest.raises(ValueError, match="Linear is not a submodule of the model"):
+        _bottom_up(net, [nn.Linear(2, 2)])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_order_does_not_depend_on_world_size(world: int) -> None:
+    # Step k of N ranks taking b samples each reads the batch one process
+    # reads at step k with batch N·b: the same samples, for every seed.
+    from torch.utils.data import TensorDataset
+
+    from gradcent.experiments.distributed_run import DistRun
+
+    data = TensorDataset(torch.arange(24))
+    for seed in (0, 7):
+        one = list(DistRun().sampler(data, shuffle=True, seed=seed))
+        assert sorted(one) == list(range(24)) and one != list(range(24))
+        ranks = [
+            list(DistRun("ddp", r, world).sampler(data, shuffle=True, seed=seed))
+            for r in range(world)
+        ]
+        b = 3
+        for k in range(24 // (b * world)):
+            step = sorted(i for r in ranks for i in r[k * b : (k + 1) * b])
+            assert step == sorted(one[k * b * world : (k + 1) * b * world])
+    assert list(DistRun().sampler(data, shuffle=False, seed=0)) == list(range(24))
+
+
+def test_one_process_keeps_the_order_it_always_had() -> None:
+    # The order of DataLoader(shuffle=True, generator=g): runs recorded before the
+    # ranks shared it (docs/RESULTS.md) are reproduced as they were.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradcent.experiments.distributed_run import DistRun
+
+    data = TensorDataset(torch.arange(50))
+    for seed in (0, 123_456_789_123):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        old = [
+            int(i)
+            for (batch,) in DataLoader(data, batch_size=7, shuffle=True, generator=g)
+            for i in batch
+        ]
+        assert list(DistRun().sampler(data, shuffle=True, seed=seed)) == old
+
+
+def test_rank_sampler_pads_with_the_first_samples() -> None:
+    from gradcent.experiments.distributed_run import RankSampler, global_order
+
+    order = global_order(5, shuffle=True, seed=3)
+    ranks = [list(RankSampler(5, shuffle=True, seed=3, rank=r, world=2)) for r in range(2)]
+    assert ranks == [order[0::2], [order[1], order[3], order[0]]]
+    assert [list(RankSampler(1, shuffle=False, seed=0, rank=r, world=3)) for r in range(3)] == [
+        [0],
+        [0],
+        [0],
+    ]
+    assert len(RankSampler(5, shuffle=True, seed=3, rank=1, world=2)) == 3

@@ -147,6 +147,61 @@ def gc_cost(
     return rows
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules :func:`fully_shard_model` shards one by one, before the root.
+
+    Each is a topmost module below the root that owns parameters directly; it
+    becomes one FSDP unit together with everything under it. A module that owns
+    parameters may read its children's parameters without calling their
+    ``forward`` (``nn.MultiheadAttention`` passes ``out_proj.weight`` to
+    ``F.multi_head_attention_forward``), so a child sharded on its own would
+    still be a shard when its parent computes; one unit per such subtree avoids
+    it. Modules without parameters of their own (``TransformerEncoderLayer``,
+    ``Sequential``) are looked through.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The units, in the model's order, each module once.
+
+    References:
+        Zhao et al., VLDB 2023 (FSDP units).
+
+    """
+    units: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if id(child) in seen:  # a module shared by two parents
+                continue
+            seen.add(id(child))
+            if any(True for _ in child.parameters(recurse=False)):
+                units.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return units
+
+
+def _bottom_up(model: nn.Module, leaves: Iterable[nn.Module]) -> list[nn.Module]:
+    """``leaves`` with every module after the ones nested in it (deepest first)."""
+    depth = {id(m): name.count(".") + 1 for name, m in model.named_modules() if name}
+    leaves = list(leaves)
+    for m in leaves:
+        if id(m) not in depth:
+            raise ValueError(
+                f"Invalid leaves: {type(m).__name__} is not a submodule of the model "
+                "(expected modules of the model, not the model itself)"
+            )
+    # fully_shard manages every parameter under a module that no inner unit
+    # claimed, so inner units must be sharded first. sorted() is stable: equal
+    # depths keep the caller's order.
+    return sorted(leaves, key=lambda m: -depth[id(m)])
+
+
 def fully_shard_model(
     model: nn.Module,
     mesh: object | None = None,
@@ -154,22 +209,30 @@ def fully_shard_model(
     leaves: Iterable[nn.Module] | None = None,
     **fsdp_kwargs: object,
 ) -> nn.Module:
-    """Apply FSDP2's ``fully_shard`` to each layer that owns parameters, then the root.
+    """Apply FSDP2's ``fully_shard`` to each unit of the model, then the root.
 
-    Build the optimizer (or call :func:`gradcent.attach`) after this: FSDP2
-    replaces the parameters by DTensors, and GC's plan is keyed by parameter.
+    The default units are :func:`shard_units`: every topmost module that owns
+    parameters, with its children in the same unit (``nn.MultiheadAttention``
+    with its ``out_proj``, a LayerScale block with its layers); plain
+    containers such as ``TransformerEncoderLayer`` are looked through. Build the
+    optimizer (or call :func:`gradcent.attach`) after this: FSDP2 replaces the
+    parameters by DTensors, and GC's plan is keyed by parameter.
 
     Args:
         model: the model (modified in place).
         mesh: a 1-D ``DeviceMesh`` (default: FSDP2's, all ranks on the
             current device type).
-        leaves: the modules to shard one by one (default: every module that
-            owns parameters directly); for large models pass the blocks.
+        leaves: the modules to shard one by one (default: :func:`shard_units`);
+            for large models pass the blocks. Nested ones are sharded inner
+            first, as ``fully_shard`` requires.
         **fsdp_kwargs: passed to ``fully_shard`` (``reshard_after_forward``,
             ``shard_placement_fn``, ``mp_policy``, ...).
 
     Returns:
         ``model``, now an FSDP2 module.
+
+    Raises:
+        ValueError: a module of ``leaves`` is not inside ``model``.
 
     References:
         Zhao et al., VLDB 2023 (FSDP); torch.distributed.fsdp.fully_shard.
@@ -177,13 +240,8 @@ def fully_shard_model(
     """
     from torch.distributed.fsdp import fully_shard
 
-    if leaves is None:
-        leaves = [
-            m
-            for m in model.modules()
-            if m is not model and any(True for _ in m.parameters(recurse=False))
-        ]
-    for m in leaves:
+    units = shard_units(model) if leaves is None else _bottom_up(model, leaves)
+    for m in units:
         fully_shard(m, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
     return model

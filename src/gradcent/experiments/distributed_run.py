@@ -3,23 +3,28 @@
 ``torchrun --nproc_per_node=N -m gradcent train ... --distributed ddp|fsdp`` starts
 N copies of the command; :func:`setup` joins them into one process group and
 makes a :class:`DistRun` the active run, which the training loop consults at
-five points:
+six points:
 
-* the model is wrapped (DDP, or FSDP2 on every layer that owns parameters)
-  before the optimizer is built, so GC plans the parameters the optimizer sees;
-* each rank reads its part of every epoch through a ``DistributedSampler``
-  seeded by ``(seed, epoch)``; ``--batch-size`` stays the *global* batch (each
-  rank takes ``batch_size / N``), so a run means the same optimization at any
-  world size and resumes under another one;
+* the model is wrapped (DDP, or FSDP2 on every topmost module that owns
+  parameters, see :func:`gradcent.distributed.shard_units`) before the
+  optimizer is built, so GC plans the parameters the optimizer sees;
+* each rank reads its part of every epoch through a :class:`RankSampler`
+  seeded by ``(seed, epoch)``, and one process reads the whole epoch through
+  the same sampler (rank 0 of 1): the global order of samples does not depend
+  on the world size. ``--batch-size`` stays the *global* batch (each rank takes
+  ``batch_size / N``), so a run means the same optimization at any world size
+  and resumes under another one (docs/SCALING.md says how exactly);
 * metrics are averaged over ranks with one all-reduce (every rank sees the
   same number of samples: the sampler pads with up to N − 1 repeats, which FSDP
   needs, since every rank must run the same number of forward passes);
+* BatchNorm running statistics are averaged over the ranks at every epoch end,
+  so every rank evaluates and checkpoints the same model;
 * checkpoints hold full, unsharded state dicts in torch's own format, gathered
   with ``torch.distributed.checkpoint.state_dict`` and written by rank 0 only,
   so they resume under the same, another, or no world size;
 * only rank 0 logs and writes files.
 
-One process, ``--distributed none`` (the default), leaves everything as it was.
+One process, ``--distributed none`` (the default), is a run of world size 1.
 
 References:
     Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel
@@ -38,7 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 KINDS = ("none", "ddp", "fsdp")
 
@@ -108,20 +113,65 @@ class DistRun:
         """The model inside DDP (same parameters); FSDP2 and plain models as they are."""
         return model.module if self.kind == "ddp" and hasattr(model, "module") else model
 
-    def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> Any:
-        """A ``DistributedSampler`` for this rank, or None when not distributed."""
-        if not self.active:
-            return None
-        from torch.utils.data.distributed import DistributedSampler
+    def sampler(self, dataset: Dataset, *, shuffle: bool, seed: int) -> RankSampler:
+        """The share of the global order of ``dataset`` that this rank reads (:class:`RankSampler`).
 
-        return DistributedSampler(
-            dataset,
-            num_replicas=self.world,
-            rank=self.rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=False,
+        The same sampler serves one process (rank 0 of 1) and torchrun's ranks,
+        so the global order is a function of ``seed`` alone; the training loop
+        passes one seed per ``(seed, epoch)``.
+
+        Args:
+            dataset: the data.
+            shuffle: permute (training) or keep the order (evaluation).
+            seed: seeds the permutation.
+
+        Returns:
+            The sampler of this rank.
+
+        """
+        return RankSampler(
+            len(dataset), shuffle=shuffle, seed=seed, rank=self.rank, world=self.world
         )
+
+    def sync_batchnorm(self, model: nn.Module) -> None:
+        """Average BatchNorm running statistics over the ranks (one all-reduce).
+
+        Each rank updates its running mean and variance from its own local
+        batches (no SyncBatchNorm), so without this the ranks evaluate and hold
+        different models, and a checkpoint (rank 0's full state) could not
+        resume the others exactly. The training loop calls this at the end of
+        every epoch, before evaluating and checkpointing: every rank then
+        holds the checkpointed statistics, so ``--resume`` at the same world
+        size continues bit for bit, and at another one starts from what every
+        rank held. Training itself is unchanged (in train mode BatchNorm
+        normalises with batch statistics, not the running ones).
+
+        Args:
+            model: the (wrapped) model; its BatchNorm buffers are plain
+                tensors under DDP and FSDP2 alike.
+
+        References:
+            Ioffe & Szegedy, ICML 2015 (BatchNorm running statistics); timm's
+            ``distribute_bn`` (the same average at every epoch end).
+
+        """
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        stats = [
+            t
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            for t in (m.running_mean, m.running_var)
+        ]
+        if not stats:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(_comm_device(), torch.float64) for t in stats])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for t, mean in zip(stats, flat.split([t.numel() for t in stats]), strict=True):
+            t.copy_(mean.view_as(t))
 
     def mean(self, values: Sequence[float]) -> list[float]:
         """The mean of each value over the ranks (one all-reduce)."""
@@ -185,6 +235,66 @@ class DistRun:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def global_order(n: int, *, shuffle: bool, seed: int) -> list[int]:
+    """The order in which a run visits ``n`` samples in one epoch, at any world size.
+
+    Args:
+        n: the number of samples.
+        shuffle: a permutation seeded by ``seed`` (training), else ``0 .. n-1``.
+        seed: the epoch's seed.
+
+    Returns:
+        The sample indices, in order.
+
+    """
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator()
+    g.manual_seed(seed)
+    # The order one process has always used: DataLoader(shuffle=True, generator=g)
+    # first takes its workers' base seed from g, then RandomSampler permutes with
+    # g. Taking the same draw first keeps every recorded one-process run as it was.
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class RankSampler(Sampler[int]):
+    """Rank ``r``'s share of an epoch's global order: every ``world``-th sample from ``r``.
+
+    The order (:func:`global_order`) is padded with its first samples to a
+    multiple of ``world``, so that every rank runs the same number of steps
+    (each FSDP forward is a collective). With a local batch of ``b`` on each
+    rank, global step ``k`` reads samples ``k·b·world`` to ``(k+1)·b·world − 1``
+    of the order on the ranks together: the batch one process of batch
+    ``b·world`` reads at step ``k``. The same split as ``DistributedSampler``,
+    whose own permutation differs from one process's ``RandomSampler``.
+
+    Args:
+        n: the number of samples.
+        shuffle: permute (training) or keep the order (evaluation).
+        seed: the epoch's seed.
+        rank: this process's rank.
+        world: the number of ranks.
+
+    References:
+        torch.utils.data.distributed.DistributedSampler (the same split).
+
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = global_order(self.n, shuffle=self.shuffle, seed=self.seed)
+        total = len(self) * self.world
+        while len(order) < total:  # a few repeats (more than n only for tiny data)
+            order += order[: total - len(order)]
+        return iter(order[self.rank : total : self.world])
 
 
 def _full_options() -> Any:

@@ -1,7 +1,7 @@
 """One training run: seeded, deterministic on CPU, checkpointed every epoch, resumable.
 
 :func:`train_run` is the whole loop in one readable function; the per-step work
-is :func:`train_step` so that a distributed wrapper (DistributedSampler,
+is :func:`train_step` so that a distributed wrapper (a sampler per rank,
 DDP / FSDP) changes only :func:`make_loader` and the model it is given.
 
 Reproducibility: the model is built right after seeding torch, numpy and
@@ -125,7 +125,8 @@ def make_loader(
         epoch: the epoch (0-based).
         workers: worker processes.
         collate_fn: batch collation (detection batches are lists).
-        sampler: picks this rank's samples under torchrun (it then shuffles).
+        sampler: picks the samples and their order (shuffling is then its job); the
+            training loop passes ``DistRun.sampler``, at any world size.
 
     Returns:
         The loader.
@@ -646,10 +647,11 @@ def train_run(
 
     Returns:
         The result: variant, seed, per-epoch history (train_loss, train_acc,
-        test_loss, test_acc, lr, epoch_time, gc_time), final metrics, mean
+        test_loss, test_acc, lr, epoch_time, gc_time, world_size), final metrics, mean
         seconds per epoch, GC share of the epoch time (``gc_time`` and
         ``gc_share`` are NaN when ``cfg.impl`` fuses GC into the step), and
-        the config.
+        the config, and ``distributed``: the mode and world size of the
+        process that returned it.
 
     Raises:
         ValueError: a checkpoint from a different config, or bad options;
@@ -718,6 +720,7 @@ def train_run(
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
             scheduler.step()
+            ranks.sync_batchnorm(model)  # every rank evaluates and saves the same statistics
             row = {
                 "epoch": epoch + 1,
                 "lr": lr,
@@ -726,6 +729,7 @@ def train_run(
                 **_mean_over_ranks(ranks, evaluate(model, test_loader, device, task)),
                 "epoch_time": epoch_time,
                 "gc_time": timer.lap(),
+                "world_size": ranks.world,  # a resumed run may change it
             }
             history.append(row)
             # Full (unsharded) states: every rank joins the gather, rank 0 writes.
@@ -759,6 +763,7 @@ def train_run(
                     f"GC {format_gc_time(row['gc_time'])})"
                 )
     result = summarize_run(cfg, variant, seed, history)
+    result["distributed"] = {"mode": ranks.kind, "world_size": ranks.world}
     if result["finished"] and ranks.is_main:
         atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT)
     return result
