@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 # The oldest torch and Python that pyproject.toml declares. `make test` also runs
 # the library's own tests there (not the harness, the examples or the optional
 # integrations, which need the pinned set), so the declaration stays true.
-OLDEST_PY ?= python3.10
+# pyenv's shims hide versions that are not selected: look for its build first.
+OLDEST_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed
 OLDEST_PINS := torch==2.6.0 numpy==2.2.6 setuptools==84.2.1 pytest==9.2.0 pytest-timeout==2.4.0 \

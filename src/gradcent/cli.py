@@ -285,7 +285,7 @@ def cmd_train(args: argparse.Namespace, cfg: Any, out: Path) -> int:
 
 def cmd_compare(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     """``gradcent compare``: every variant x seed, then the table and the plots."""
-    from gradcent.experiments.compare import run_compare
+    from gradcent.experiments.comparison import run_compare
 
     outcome = run_compare(cfg, out, log=_log(cfg.quiet))
     print(outcome.table)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from gradcent.experiments.compare import run_compare, run_dir, sweep_points
+from gradcent.experiments.comparison import run_compare, run_dir, sweep_points
 from gradcent.experiments.config import resolve
 from gradcent.experiments.report import format_table, summary_rows, write_results
 from gradcent.experiments.train import RESULT

@@ -14,7 +14,7 @@ import torch
 
 import gradcent
 from gradcent.cli import main
-from gradcent.experiments.compare import run_compare
+from gradcent.experiments.comparison import run_compare
 from gradcent.experiments.config import resolve
 from gradcent.experiments.datasets import DatasetError, build_dataset
 from gradcent.experiments.diagnose import load_weights

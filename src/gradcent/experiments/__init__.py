@@ -3,8 +3,8 @@
 Depends on the library (core, rules, optim), never the reverse. Submodules are
 imported explicitly (``from gradcent.experiments.datasets import build_dataset``)
 so that importing this package stays cheap. The one exception is the Python
-API ``gradcent.experiments.compare(model=..., train=..., test=..., ...)``
-(the ``compare`` module, which is callable), loaded on first use.
+API :func:`gradcent.experiments.compare(model=..., train=..., test=..., ...)
+<gradcent.experiments.comparison.compare>`, loaded on first use.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: ``gradcent.experiments.compare`` imports torch, matplotlib and scipy.
+    # Lazy: the comparison module imports torch, matplotlib and scipy.
     if name == "compare":
-        import importlib
+        from gradcent.experiments.comparison import compare
 
-        return importlib.import_module("gradcent.experiments.compare")
+        return compare
     raise AttributeError(f"module 'gradcent.experiments' has no attribute {name!r}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import sys
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,19 +300,3 @@ def compare(
     if out is None:
         out = Path("runs") / f"compare-python-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     return run_compare(cfg, out, log=log, progress=False).rows
-
-
-class _CallableModule(types.ModuleType):
-    """The ``compare`` module, callable: ``gradcent.experiments.compare(...)`` is :func:`compare`.
-
-    The Python API shares its name with this module (``gradcent compare``); a
-    callable module gives both ``from gradcent.experiments.compare import
-    run_compare`` and ``gradcent.experiments.compare(model=...)`` without making
-    ``import gradcent.experiments`` pay for matplotlib and scipy.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
