@@ -16,6 +16,7 @@ The reference projection is written out per parameter here, independent of
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -519,3 +520,37 @@ def test_blocked_and_native_refuse_dtensor_parameters_at_construction(one_rank_g
     assert len(opt.param_groups) == 1
     # "fused" and "default" step DTensors (FSDP2), so they still construct
     gradcent.AdamW(model.parameters(), model=model, impl="fused")
+
+
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("2.6.0", False),
+        ("2.12.0+cu126", False),
+        ("2.13.0", True),
+        ("2.14.1+cpu", True),
+        ("3.0", True),
+    ],
+)
+def test_fused_impl_names_the_torch_it_needs(version, ok):
+    from gradcent.optim._fused import check_fused_torch
+
+    if ok:
+        check_fused_torch(version)
+    else:
+        with pytest.raises(
+            RuntimeError, match=rf"needs torch >= 2\.13 \(this is torch {re.escape(version)}"
+        ):
+            check_fused_torch(version)
+
+
+def test_fused_impl_on_this_torch_builds_or_is_refused_at_construction():
+    # Runs in both test environments: the pinned torch builds it, the oldest refuses it.
+    from gradcent.optim._fused import FUSED_MIN_TORCH
+
+    p = [nn.Parameter(torch.randn(3, 4))]
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= FUSED_MIN_TORCH:
+        assert gradcent.Adam(p, impl="fused").defaults["impl"] == "fused"
+    else:
+        with pytest.raises(RuntimeError, match="needs torch >= 2.13"):
+            gradcent.Adam(p, impl="fused")

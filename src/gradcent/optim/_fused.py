@@ -121,9 +121,41 @@ def check_params(optimizer: torch.optim.Optimizer, impl: str, params: list[Tenso
         )
 
 
+# The oldest torch whose Inductor compiles the kernels below correctly: 2.6 to
+# 2.12 fail on the SGD kernels with "KeyError: 'buf1'" (measured on 2.6.0, 2.7.1,
+# 2.8.0, 2.9.1, 2.10.0, 2.11.0, 2.12.0; 2.13.0 and 2.14.1 pass tests/test_fused.py).
+FUSED_MIN_TORCH = (2, 13)
+
+
+def check_fused_torch(version: str) -> None:
+    """Refuse ``impl="fused"`` on a torch whose Inductor cannot compile its kernels.
+
+    Args:
+        version: a torch version string (``torch.__version__``).
+
+    Raises:
+        RuntimeError: naming the version and the oldest one that works.
+
+    """
+    major, minor = (int(x) for x in version.split(".")[:2])
+    if (major, minor) < FUSED_MIN_TORCH:
+        need = ".".join(map(str, FUSED_MIN_TORCH))
+        raise RuntimeError(
+            f'impl="fused" needs torch >= {need} (this is torch {version}, whose Inductor '
+            'fails on its kernels); use impl="default" or "native"'
+        )
+
+
 def check_fused_options(optimizer: torch.optim.Optimizer) -> None:
-    """Reject ``fused=True``, ``capturable``, ``differentiable`` for ``impl="fused"``."""
+    """Reject ``fused=True``, ``capturable``, ``differentiable`` for ``impl="fused"``.
+
+    Raises:
+        ValueError: an option the fused path cannot honour.
+        RuntimeError: a torch older than :data:`FUSED_MIN_TORCH`.
+
+    """
     check_options(optimizer, "fused", ("fused", "capturable", "differentiable"))
+    check_fused_torch(torch.__version__)
 
 
 def kernel_kind(optimizer: torch.optim.Optimizer, impl: str = "fused") -> str:
