@@ -13,15 +13,6 @@ from gradcent.experiments.ws import WSConv2d, convert_to_ws, standardize_weight
 from gradcent.rules import plan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Many small convs on a shared 2-core box: one thread avoids oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def forward_backward(model, size, channels=3, classes=10):
     torch.manual_seed(0)
     out = model(torch.randn(2, channels, size, size))

@@ -15,14 +15,6 @@ from gradcent.experiments.models import (
 from gradcent.rules import plan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 

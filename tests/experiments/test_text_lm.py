@@ -14,14 +14,6 @@ from gradcent.rules import plan
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(40))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_text(tmp_path, text=TEXT, name="corpus.txt"):
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")

@@ -231,6 +231,27 @@ def resnext29(
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
+def _vgg(config: tuple, num_classes: int, in_channels: int, norm: str) -> nn.Module:
+    """A CIFAR VGG: 3x3 conv + norm + ReLU per width in ``config``, a 2x2 pool per "M"."""
+    make_norm = norm_layer(norm)
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for v in config:
+        if v == "M":
+            # ceil_mode: 28x28 inputs go 14-7-4-2-1 instead of reaching 0x0 at the
+            # fifth pool; on even sizes (32x32: 16-8-4-2-1) nothing changes.
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        else:
+            layers += [nn.Conv2d(channels, v, 3, padding=1), make_norm(v), nn.ReLU(inplace=True)]
+            channels = v
+    model = nn.Sequential()
+    model.features = nn.Sequential(*layers)
+    # Adaptive so inputs smaller than 32x32 work; on 32x32 the map is already 1x1.
+    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.classifier = nn.Linear(channels, num_classes)
+    return model
+
+
 def vgg11(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module:
     """VGG-11 with BN for CIFAR: the 8 conv layers, then one linear classifier.
 
@@ -246,23 +267,7 @@ def vgg11(num_classes: int, in_channels: int = 3, norm: str = "bn") -> nn.Module
         Simonyan & Zisserman, ICLR 2015; Yong et al., ECCV 2020, §5.3 (V11).
 
     """
-    make_norm = norm_layer(norm)
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for v in _VGG11:
-        if v == "M":
-            # ceil_mode: 28x28 inputs go 14-7-4-2-1 instead of reaching 0x0 at the
-            # fifth pool; on even sizes (32x32: 16-8-4-2-1) nothing changes.
-            layers.append(nn.MaxPool2d(2, ceil_mode=True))
-        else:
-            layers += [nn.Conv2d(channels, v, 3, padding=1), make_norm(v), nn.ReLU(inplace=True)]
-            channels = v
-    model = nn.Sequential()
-    model.features = nn.Sequential(*layers)
-    # Adaptive so inputs smaller than 32x32 work; on 32x32 the map is already 1x1.
-    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model.classifier = nn.Linear(512, num_classes)
-    return model
+    return _vgg(_VGG11, num_classes, in_channels, norm)
 
 
 class _BasicBlockA(nn.Module):
@@ -358,20 +363,7 @@ def vgg11_slim(num_classes: int, in_channels: int = 1, norm: str = "bn") -> nn.M
         Simonyan & Zisserman, ICLR 2015; Yong et al., ECCV 2020, §5.3 (V11).
 
     """
-    make_norm = norm_layer(norm)
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for v in _VGG11_SLIM:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, ceil_mode=True))  # 28-14-7-4-2-1
-        else:
-            layers += [nn.Conv2d(channels, v, 3, padding=1), make_norm(v), nn.ReLU(inplace=True)]
-            channels = v
-    model = nn.Sequential()
-    model.features = nn.Sequential(*layers)
-    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model.classifier = nn.Linear(channels, num_classes)
-    return model
+    return _vgg(_VGG11_SLIM, num_classes, in_channels, norm)
 
 
 def densenet_slim(num_classes: int, in_channels: int = 1, norm: str = "bn") -> nn.Module:

@@ -301,16 +301,13 @@ def git_commit(path: str | Path | None = None) -> dict[str, Any] | None:
     return {"commit": sha, "dirty": bool(dirty)}
 
 
+# A run's final metrics, as the CSV lists them (a task fills only its own).
+_FINAL_METRICS = ("test_acc", "test_loss", "test_ap", "test_bpc", "train_loss", "train_acc")
 CSV_FIELDS = (
     "point",
     "variant",
     "seed",
-    "test_acc",
-    "test_loss",
-    "test_ap",
-    "test_bpc",
-    "train_loss",
-    "train_acc",
+    *_FINAL_METRICS,
     "epochs",
     "epoch_time",
     "gc_time",
@@ -357,17 +354,7 @@ def write_results(
                     "point": r.get("point", ""),
                     "variant": r["variant"],
                     "seed": r["seed"],
-                    **{
-                        k: r["final"].get(k, "")
-                        for k in (
-                            "test_acc",
-                            "test_loss",
-                            "test_ap",
-                            "test_bpc",
-                            "train_loss",
-                            "train_acc",
-                        )
-                    },
+                    **{k: r["final"].get(k, "") for k in _FINAL_METRICS},
                     "epochs": r["epochs"],
                     "epoch_time": r["epoch_time"],
                     "gc_time": r["gc_time"],
