@@ -74,3 +74,26 @@ def test_snippet_runs(path: Path, line: int, code: str, tmp_path: Path):
         env=env,
     )
     assert proc.returncode == 0, f"{path.name}:{line}\n{code}\n{proc.stderr[-3000:]}"
+
+
+RESULTS = ROOT / "docs" / "results"
+RESULT_DIRS = sorted(p.name for p in RESULTS.glob("*") if (p / "results.json").is_file())
+
+
+def test_results_are_committed():
+    # The digits sections of docs/RESULTS.md at least; a guard for the glob.
+    assert {"demo", "variants", "lr-sweep"} <= set(RESULT_DIRS)
+
+
+@pytest.mark.experiments
+@pytest.mark.parametrize("name", RESULT_DIRS)
+def test_results_tables_are_what_report_prints(name: str):
+    # docs/RESULTS.md holds each committed comparison's table exactly as
+    # `gradcent report docs/results/<name>` prints it: a table typed by hand, or
+    # one left behind when the statistics code changes, fails here.
+    from gradcent.experiments.report import report_run
+
+    table = report_run(RESULTS / name, command=False).strip()
+    assert table in (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    if name == "demo":
+        assert table in (ROOT / "README.md").read_text(encoding="utf-8")
