@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gradcent.optim._fused import check_impl
+from gradcent.optim._impl import check_impl
 
 OPTIMIZERS = ("sgd", "sgdw", "adam", "adamw", "adagrad")
 DEVICES = ("cpu", "cuda", "auto")

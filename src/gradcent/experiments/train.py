@@ -50,7 +50,7 @@ from gradcent.experiments.variants import (
     get_variant,
     model_options,
 )
-from gradcent.optim._engine import Centralizer
+from gradcent.optim._centralizer import Centralizer
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -149,7 +149,7 @@ def make_loader(
 class GCTimer:
     """Measures the seconds spent inside GC during optimizer steps.
 
-    Method: the optimizer's :class:`~gradcent.optim._engine.Centralizer` is the
+    Method: the optimizer's :class:`~gradcent.optim._centralizer.Centralizer` is the
     only code GC adds to a step (``before`` centralizes the gradients and folds
     coupled decay; ``after`` projects updates for ``where="update"``). This
     timer shadows both methods on that one instance with timed wrappers, so the

@@ -21,7 +21,7 @@ from torch import nn
 
 import gradcent
 from gradcent.experiments.config import RunConfig
-from gradcent.optim._engine import Centralizer
+from gradcent.optim._centralizer import Centralizer
 
 
 @dataclass(frozen=True)

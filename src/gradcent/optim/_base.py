@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcent.optim._blocked import blocked_step, check_blocked_options
-from gradcent.optim._engine import Centralizer
-from gradcent.optim._fused import check_fused_options, check_impl, check_params, fused_step
-from gradcent.optim._native import load as load_native
-from gradcent.optim._native import native_step
+# _blocked, _compiled and _native are imported to register their steps with _impl.
+from gradcent.optim import _blocked, _compiled, _impl, _native  # noqa: F401
+from gradcent.optim._centralizer import Centralizer
+from gradcent.optim._impl import check_impl, check_impl_options, check_params
 from gradcent.rules import Selector, check_mode, plan
 
 
@@ -113,12 +112,9 @@ class GCMixin:
         """
         # Kept in defaults: torch pickles/deep-copies only defaults, state, groups.
         self.defaults["impl"] = check_impl(impl)
-        if impl == "fused":
-            check_fused_options(self)
-        elif impl in ("blocked", "native"):
-            check_blocked_options(self, impl)
-        if impl == "native":
-            load_native()  # build errors surface here, not at the first step
+        if impl != "default":
+            check_impl_options(self, impl)
+            _impl.prepare(impl)  # the native build's errors surface here, not at a step
 
     @property
     def impl(self) -> str:
@@ -145,15 +141,8 @@ class GCMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        impl = self.impl
-        if impl == "fused":
-            fused_step(self)
-            return loss
-        if impl == "blocked":
-            blocked_step(self)
-            return loss
-        if impl == "native":
-            native_step(self)
+        if self.impl != "default":
+            _impl.step(self)  # GC inside the impl's own update
             return loss
         self._gc.before(self)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradcent.optim._engine import Centralizer
+from gradcent.optim._centralizer import Centralizer
 from gradcent.rules import Plan, Selector, check_mode, plan
 
 

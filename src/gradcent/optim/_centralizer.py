@@ -27,41 +27,10 @@ import torch
 from torch import Tensor
 
 from gradcent.core import centralize, centralize_
+from gradcent.optim._impl import centralize_all_, decay_terms
 from gradcent.rules import Plan
 
-# Optimizers whose weight_decay adds λw to the gradient before anything else
-# (read off torch's source; tests/test_attach.py classifies every torch.optim
-# optimizer numerically and fails when this list disagrees). Not here: AdamW,
-# Adafactor and Muon shrink w (decoupled); LBFGS, Rprop and SparseAdam have no
-# weight_decay.
-COUPLED_DECAY: tuple[type, ...] = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.Adadelta,
-    torch.optim.Adagrad,
-    torch.optim.RMSprop,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adamax,
-    torch.optim.ASGD,
-)
 WHERE = ("gradient", "update")
-
-
-def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
-    """True when ``group``'s decay shrinks the weights directly (AdamW, SGDW, ...)."""
-    return (
-        isinstance(optimizer, torch.optim.AdamW)
-        or bool(group.get("decoupled_weight_decay", False))
-        or getattr(optimizer, "decoupled", False)
-    )
-
-
-def has_coupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
-    """True when ``group``'s decay is L2 added to the gradient (fold it into GC)."""
-    if not group.get("weight_decay") or has_decoupled_decay(optimizer, group):
-        return False
-    return isinstance(optimizer, COUPLED_DECAY)
 
 
 class Centralizer:
@@ -121,7 +90,7 @@ class Centralizer:
         done = self._pending
         self.discard_pending()
         self._snapshots.clear()
-        native = _uses_native(optimizer)
+        impl = _impl_of(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
             if gplan.mode is None:
@@ -129,8 +98,10 @@ class Centralizer:
             if self.where == "update":
                 self._snapshot(gplan, group)
                 continue
-            if has_coupled_decay(optimizer, group):
-                self._fold_decay(optimizer, gplan, group, done)
+            terms = decay_terms(optimizer, group)
+            if terms.l2:
+                alpha = terms.alpha(group.get("maximize", False))
+                self._fold_decay(optimizer, gplan, group, alpha, done)
                 continue
             todo = []
             for p in group["params"]:
@@ -139,7 +110,7 @@ class Centralizer:
                 spec = self._spec(gplan, p)
                 if spec is not None and not _is_pending(done, p):
                     todo.append((p.grad, spec))
-            self._centralize_all_(todo, native)
+            centralize_all_(todo, impl)
 
     @torch.no_grad()
     def centralize_now(self, optimizer: torch.optim.Optimizer) -> None:
@@ -159,7 +130,7 @@ class Centralizer:
                 "the update after the step, so clipping order does not matter"
             )
         self.discard_pending()
-        native = _uses_native(optimizer)
+        impl = _impl_of(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
             if gplan.mode is None:
@@ -172,7 +143,7 @@ class Centralizer:
                 if spec is not None:
                     todo.append((p.grad, spec))
                     self._mark_pending(p)
-            self._centralize_all_(todo, native)
+            centralize_all_(todo, impl)
 
     def _mark_pending(self, p: Tensor) -> None:
         self._pending[id(p)] = weakref.ref(p.grad)
@@ -186,20 +157,6 @@ class Centralizer:
 
             self._pending_hooks.append(p.register_post_accumulate_grad_hook(forget))
 
-    @staticmethod
-    def _centralize_all_(todo: list[tuple[Tensor, Any]], native: bool) -> None:
-        """``centralize_`` each (gradient, spec).
-
-        With ``native`` (an ``impl="native"`` optimizer), every gradient the
-        native kernel takes goes through one kernel call (same math, one pass).
-        """
-        if native and todo:
-            from gradcent.optim._native import centralize_many_
-
-            todo = centralize_many_(todo)  # hands back what it did not take
-        for g, spec in todo:
-            centralize_(g, spec.dims, spec.groups)
-
     def discard_pending(self) -> None:
         """Forget a :meth:`centralize_now` whose step never came (zero_grad, skipped step)."""
         self._pending = {}
@@ -212,6 +169,7 @@ class Centralizer:
         optimizer: torch.optim.Optimizer,
         gplan: Plan,
         group: dict[str, Any],
+        alpha: float,
         done: dict[int, weakref.ref],
     ) -> None:
         # torch computes d = grad (negated when maximizing) + λw inside its step.
@@ -222,8 +180,6 @@ class Centralizer:
         # user's value. A gradient centred earlier by centralize_now() (maybe
         # clipped since) is not centred again: it gets g' = g + αP(w) − αw, so
         # the step uses clip(Pg) + λP(w).
-        wd = group["weight_decay"]
-        alpha = -wd if group.get("maximize", False) else wd
         # GradScaler's fused path hands the step still-scaled gradients s·g and
         # lets the kernel divide by s: the decay term must be scaled alike.
         scale = getattr(optimizer, "grad_scale", None)
@@ -274,9 +230,9 @@ class Centralizer:
         self.discard_pending()
 
 
-def _uses_native(optimizer: torch.optim.Optimizer) -> bool:
-    """True for a gradcent optimizer built with ``impl="native"`` (its GC passes too)."""
-    return getattr(optimizer, "impl", "default") == "native"
+def _impl_of(optimizer: torch.optim.Optimizer) -> str:
+    """A gradcent optimizer's ``impl`` (its GC passes use that impl's kernel too)."""
+    return getattr(optimizer, "impl", "default")
 
 
 def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:
