@@ -163,7 +163,6 @@ def blocked_group(optimizer, kind: str, group: dict[str, Any], params) -> None:
     """
     impl = optimizer.impl
     gc = optimizer._gc
-    gplan = gc._group_plan(group)
     terms = decay_terms(optimizer, group)
     # α: coupled decay folded into ĝ (negated when maximizing, as torch negates g).
     alpha = terms.alpha(group.get("maximize", False))
@@ -177,7 +176,7 @@ def blocked_group(optimizer, kind: str, group: dict[str, Any], params) -> None:
         if p.grad is None:
             continue
         check_param(p, impl)
-        spec = gc._spec(gplan, p) if gplan.mode is not None else None
+        spec = gc.spec(p, group)
         states, first = fused_state(optimizer, kind, group, p)
         step = [optimizer.state[p]["step"]] if kind == "adam" else []
         if step:

@@ -20,7 +20,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ from torch import Tensor
 
 from gradcent.core import centralize, centralize_
 from gradcent.optim._impl import centralize_all_, decay_terms
-from gradcent.rules import Plan
+from gradcent.rules import Plan, Spec
 
 WHERE = ("gradient", "update")
 
@@ -56,6 +59,11 @@ class Centralizer:
         # which keeps the tensor, or without zeroing) makes it new again: these
         # post-accumulate hooks drop its mark, whoever zeroed it.
         self._pending_hooks: list[Any] = []
+        # The plan of each other mode a group asks for ("gc" key), made once.
+        self._mode_plans: dict[str | None, Plan] = {}
+        # Entered around each GC pass of a step (gc_timer on the optimizer or
+        # handle); not pickled: a copy starts untimed.
+        self._timer: Callable[[], AbstractContextManager] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy, pickle and torch.save of an optimizer come through here.
@@ -68,7 +76,50 @@ class Centralizer:
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
-        return self.plan if mode == self.plan.mode else self.plan.with_mode(mode)
+        if mode == self.plan.mode:
+            return self.plan
+        if mode not in self._mode_plans:
+            self._mode_plans[mode] = self.plan.with_mode(mode)
+        return self._mode_plans[mode]
+
+    def spec(self, p: Tensor, group: dict[str, Any]) -> Spec | None:
+        """How GC centres ``p`` in ``group`` this step: its spec, or None to leave it alone.
+
+        The group's ``"gc"`` mode (when it has one) overrides the plan's. Every
+        step implementation asks here, so all of them centre the same tensors
+        along the same axes. When ``p`` is centred its gradient is made ready:
+        an expanded (stride-0) gradient is replaced by a dense copy.
+
+        Args:
+            p: a parameter of ``group``.
+            group: one of the optimizer's param groups.
+
+        Raises:
+            ValueError: if ``p`` is centred and its gradient is sparse.
+
+        References:
+            Yong et al., ECCV 2020, Eq. 1 (the axes GC averages over).
+
+        """
+        gplan = self._group_plan(group)
+        return None if gplan.mode is None else self._spec(gplan, p)
+
+    @property
+    def timer(self) -> Callable[[], AbstractContextManager] | None:
+        """Entered around :meth:`before` and :meth:`after` (``gc_timer`` sets it)."""
+        return self._timer
+
+    @timer.setter
+    def timer(self, timer: Callable[[], AbstractContextManager] | None) -> None:
+        if timer is not None and not callable(timer):
+            raise TypeError(
+                f"Invalid gc_timer: {timer!r} (expected None or a callable that "
+                "returns a context manager, e.g. a @contextlib.contextmanager function)"
+            )
+        self._timer = timer
+
+    def _timed(self) -> AbstractContextManager:
+        return contextlib.nullcontext() if self._timer is None else self._timer()
 
     def _spec(self, gplan: Plan, p: Tensor):
         spec = gplan.spec(p)
@@ -84,9 +135,13 @@ class Centralizer:
                 p.grad = p.grad.contiguous()
         return spec
 
-    @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer) -> None:
-        """Centralize gradients (folding coupled decay) or snapshot weights."""
+        """Centralize gradients (folding coupled decay) or snapshot weights (timed)."""
+        with self._timed():
+            self._before(optimizer)
+
+    @torch.no_grad()
+    def _before(self, optimizer: torch.optim.Optimizer) -> None:
         done = self._pending
         self.discard_pending()
         self._snapshots.clear()
@@ -207,9 +262,13 @@ class Centralizer:
             if gplan.spec(p) is not None:
                 self._snapshots[id(p)] = (p, p.detach().clone())
 
-    @torch.no_grad()
     def after(self, optimizer: torch.optim.Optimizer) -> None:
-        """With ``where="update"``, project each planned update w_t − w_{t−1}."""
+        """With ``where="update"``, project each planned update w_t − w_{t−1} (timed)."""
+        with self._timed():
+            self._after(optimizer)
+
+    @torch.no_grad()
+    def _after(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._snapshots:
             return
         for group in optimizer.param_groups:

@@ -273,27 +273,29 @@ def _row(
 # measured on torch 2.14; docs/TRAINING_LOOPS.md).
 @torch.compiler.disable
 @torch.no_grad()
-def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") -> None:
+def fused_step(optimizer: torch.optim.Optimizer, strategy: str | None = None) -> None:
     """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, fused and compiled.
 
     Args:
         optimizer: a gradcent optimizer built with ``impl="fused"``.
         strategy: ``"per_param"`` (one compiled call per parameter; a few small
             graphs shared by all shapes) or ``"foreach"`` (one compiled call per
-            group, one graph per parameter set).
+            group, one graph per parameter set); by default the optimizer's
+            ``fused_strategy``.
 
     References:
         Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
 
     """
     kind = kernel_kind(optimizer)
+    if strategy is None:
+        strategy = optimizer.defaults.get("fused_strategy", "per_param")
     gc = optimizer._gc
     # P is idempotent, so gradients centred earlier by centralize_grads() (and
     # maybe clipped since) give P(Pg + λw) = Pg + λP(w): the default path's rule.
     gc.discard_pending()
     cache = optimizer.__dict__.setdefault("_fused_rows", {})
     for group in optimizer.param_groups:
-        gplan = gc._group_plan(group)
         terms = decay_terms(optimizer, group)
         l2, mul = terms.l2, terms.shrink(float(group["lr"]))
         maximize = group.get("maximize", False)
@@ -301,7 +303,7 @@ def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") ->
         for p in group["params"]:
             if p.grad is None:
                 continue
-            spec = gc._spec(gplan, p) if gplan.mode is not None else None
+            spec = gc.spec(p, group)
             if p.grad.is_sparse:
                 raise ValueError("impl='fused' needs dense gradients")
             g = -p.grad if maximize else p.grad

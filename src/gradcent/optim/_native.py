@@ -177,8 +177,7 @@ def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
     hit = cache.get(key)
     if hit is not None and hit[0]() is p and hit[1] == p.shape:
         return hit[2]
-    gplan = gc._group_plan(group)
-    spec = gc._spec(gplan, p) if gplan.mode is not None else None
+    spec = gc.spec(p, group)
     rows = rows_hint(p.shape, spec)
     cache[key] = (weakref.ref(p), p.shape, rows)
     return rows
