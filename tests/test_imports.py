@@ -112,3 +112,13 @@ def test_every_impl_is_registered_with_the_chooser():
     assert set(_impl._REGISTERED) == set(gradcent.optim.IMPLS) - {"default"}
     # the parameters the native kernel hands back go where the chooser says
     assert _impl._REGISTERED[_impl.LEFTOVERS].group_step is not None
+
+
+def test_dead_code_named_by_issue_15_stays_gone():
+    # Only tests used them; the admission rule now lives in rules.admit alone.
+    from gradcent import layouts
+    from gradcent.experiments.distributed_run import DistRun
+
+    assert not hasattr(DistRun, "barrier")
+    assert not hasattr(layouts, "output_axes")
+    assert not hasattr(layouts, "mode_spec")
