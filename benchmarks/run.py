@@ -73,13 +73,15 @@ def _opt_cases(params, kind: str, device: str, strategies: list[str]):
         native = (
             gradcent.SGD(params, lr=LR, momentum=0.9, impl="native") if device == "cpu" else None
         )
+    for strategy, opt in fused.items():
+        opt.fused_strategy = strategy
     base.step()  # create the shared state
     for opt in (eager, blocked, native, *fused.values()):
         if opt is not None:
             opt.state = base.state
     first = {}
     for strategy, opt in fused.items():
-        first[strategy] = time_once(lambda o=opt, s=strategy: _fused(o, s), device)
+        first[strategy] = time_once(opt.step, device)
     name = "Adam" if kind == "adam" else "SGDM"
     cases: dict[str, Callable[[], object]] = {
         f"torch fused {name} (no GC)": base.step,
@@ -91,14 +93,8 @@ def _opt_cases(params, kind: str, device: str, strategies: list[str]):
     if native is not None:
         cases[f"gradcent native {name}"] = native.step
     for strategy, opt in fused.items():
-        cases[f"gradcent fused {name} [{strategy}]"] = lambda o=opt, s=strategy: _fused(o, s)
+        cases[f"gradcent fused {name} [{strategy}]"] = opt.step
     return cases, first
-
-
-def _fused(opt: torch.optim.Optimizer, strategy: str) -> None:
-    from gradcent.optim._fused import fused_step
-
-    fused_step(opt, strategy=strategy)
 
 
 def _pass_cases(params, device: str) -> dict[str, Callable[[], object]]:
@@ -110,13 +106,13 @@ def _pass_cases(params, device: str) -> dict[str, Callable[[], object]]:
         "copy of the gradients": lambda: torch._foreach_copy_(copies, grads),
         "official GC pass": lambda: official_gc(grads),
         "pytorch_optimizer GC pass": lambda: centralize_gradient(grads),
-        "gradcent eager GC pass": lambda: holder._gc.before(holder),
-        "gradcent eager GC pass, unblocked": lambda: _unblocked(lambda: holder._gc.before(holder)),
+        "gradcent eager GC pass": holder.centralize_grads,
+        "gradcent eager GC pass, unblocked": lambda: _unblocked(holder.centralize_grads),
     }
     if device == "cpu":
         # What centralize_grads() runs for an impl="native" optimizer: one kernel call.
         nat = gradcent.SGD(params, lr=LR, impl="native")
-        cases["gradcent native GC pass"] = lambda: nat._gc.before(nat)
+        cases["gradcent native GC pass"] = nat.centralize_grads
     return cases
 
 
@@ -178,7 +174,7 @@ def bench_resnet18(device: str, batch: int, repeats: int) -> dict:
         "full training step (torch SGDM)": train_step,
         "torch fused SGDM step": base.step,
         "gradcent fused SGDM step": fused.step,
-        "gradcent eager GC pass": lambda: eager._gc.before(eager),
+        "gradcent eager GC pass": eager.centralize_grads,
     }
     if native is not None:
         native.state = base.state

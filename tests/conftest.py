@@ -31,7 +31,7 @@ def _seed_everything():
 
 
 def pytest_collection_modifyitems(config, items):
-    # impl="fused" needs a newer torch than the library (optim/_fused.py,
+    # impl="fused" needs a newer torch than the library (optim/_impl.py,
     # FUSED_MIN_TORCH): every test that runs it carries the `fused` marker, so
     # the oldest-torch run (Makefile, test-oldest) can leave exactly those out.
     for item in items:

@@ -355,7 +355,7 @@ def harness(out_dir: str) -> None:
         train_run(cfg, "gc", 0, out / name, data=data, stop_after=stop_after, log=None)
         if stop_after is not None:
             # Rank 0 writes the checkpoint: the others must not look for it earlier.
-            distributed_run.current().barrier()
+            dist.barrier()
             train_run(cfg, "gc", 0, out / name, data=data, resume=True, log=None)
     run = distributed_run.current()
     check = bn_sync_check(run, run.world, run.rank)

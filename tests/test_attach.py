@@ -333,7 +333,7 @@ def test_coupled_decay_list_agrees_with_what_torch_computes(cls):
     # so it got P(g) + λw instead of the paper's P(g + λw).
     import inspect
 
-    from gradcent.optim._engine import has_coupled_decay
+    from gradcent.optim._impl import has_coupled_decay
 
     form = _decay_form(cls)
     w = nn.Parameter(torch.randn(4, 3))
@@ -467,3 +467,25 @@ def test_a_copied_optimizer_steps_exactly_like_the_original(make, how):
     theirs = [p for g in twin.param_groups for p in g["params"]]
     for a, b in zip(mine, theirs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("make", "maximize", "expected"),
+    [
+        (lambda p: gradcent.SGD(p, lr=0.1, weight_decay=0.01), False, (0.01, 0.0, 0.01, 1.0)),
+        (lambda p: gradcent.SGD(p, lr=0.1, weight_decay=0.01), True, (0.01, 0.0, -0.01, 1.0)),
+        (lambda p: gradcent.Adam(p, lr=0.1, weight_decay=0.01), False, (0.01, 0.0, 0.01, 1.0)),
+        (lambda p: gradcent.AdamW(p, lr=0.1, weight_decay=0.01), False, (0.0, 0.01, 0.0, 0.999)),
+        (lambda p: gradcent.SGDW(p, lr=0.1, weight_decay=0.01), False, (0.0, 0.01, 0.0, 0.999)),
+        (lambda p: gradcent.Adam(p, lr=0.1), False, (0.0, 0.0, 0.0, 1.0)),
+    ],
+)
+def test_decay_terms_split_coupled_and_decoupled(make, maximize, expected):
+    # The one split every impl reads: coupled λ (folded into ĝ, negated when
+    # maximizing) or the decoupled shrink 1 − lr·λ.
+    from gradcent.optim._impl import decay_terms
+
+    opt = make([nn.Parameter(torch.randn(3, 4))])
+    terms = decay_terms(opt, opt.param_groups[0])
+    got = (terms.l2, terms.decoupled, terms.alpha(maximize), terms.shrink(0.1))
+    assert got == pytest.approx(expected, abs=0.0, rel=1e-15)

@@ -10,6 +10,7 @@ import torch
 import gradcent
 import gradcent.core as core
 import gradcent.optim._blocked as blocked_mod
+from gradcent.optim._impl import check_impl_options
 
 # Small blocks so that small tensors are split, unevenly (7 rows of 24 floats).
 SMALL_BLOCK = 7 * 24 * 4
@@ -175,7 +176,7 @@ def test_rejects_unsupported(fast):
     with pytest.raises(ValueError, match=f"impl='{fast}' does not support capturable"):
         gradcent.Adam(p, impl=fast, capturable=True)
     with pytest.raises(ValueError, match=f"impl='{fast}' has no kernel for Adagrad"):
-        blocked_mod.check_blocked_options(torch.optim.Adagrad(p), fast)
+        check_impl_options(torch.optim.Adagrad(p), fast)
     with pytest.raises(ValueError, match="blocked"):
         gradcent.SGD(p, impl="block")
 

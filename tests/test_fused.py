@@ -17,7 +17,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from gradcent.optim import SGD, SGDW, Adam, AdamW
-from gradcent.optim._fused import _adam_one, _sgd_one, check_impl, fused_step
+from gradcent.optim._compiled import _adam_one, _sgd_one, fused_step
+from gradcent.optim._impl import check_impl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,6 @@ from gradcent.layouts import (
     infer_spec,
     kernel_spec,
     layer_spec,
-    output_axes,
     stack_spec,
     stacking_axes,
     stacking_from_names,
@@ -80,9 +79,37 @@ def test_bad_layout_kind_and_groups_are_named():
         layer_spec((4, 2, 3, 3), "conv_transpose", "torch", groups=3)
 
 
-def test_output_axes():
+def test_keras_conv_transpose_keeps_its_output_axis():
     spec = layer_spec((3, 3, 6, 4), "conv_transpose", "keras")
-    assert output_axes(4, spec) == (2,)
+    assert spec.dims == (0, 1, 3)  # axis 2 indexes the output units
+
+
+@pytest.mark.parametrize("mode", [None, "all", "conv", "fc"])
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [("dense", (3, 4)), ("dense", (1, 4)), ("conv", (3, 3, 2, 5)), ("depthwise", (1, 1, 1, 8))],
+)
+def test_one_admission_rule_for_every_front_end(mode, kind, shape):
+    # Issue 15.4: torch's Plan.spec and the JAX/Keras kernel_spec both answer with
+    # rules.admit: the kind is in the mode and M > 1 (M = 1 units would freeze).
+    from gradcent.rules import admit
+
+    spec = layer_spec(shape, kind, "flax")
+    expected = admit(spec, shape, mode)
+    assert kernel_spec(shape, kind, "flax", mode) == expected
+    m = 1
+    for d in spec.dims:
+        m *= shape[d]
+    in_mode = (
+        mode is not None
+        and spec.kind in {"all": ("fc", "conv"), "conv": ("conv",), "fc": ("fc",)}[mode]
+    )
+    assert (expected is not None) == (in_mode and m > 1)
+    # torch: the same weight as a bare tensor (output axis first) gets the same answer
+    t = torch.zeros(shape[-1], *shape[:-1]) if kind == "dense" else None
+    if t is not None:
+        got = plan(None, mode, params=[t]).spec(t) if mode else None
+        assert (got is not None) == (expected is not None)
 
 
 TORCH_LAYERS = {

@@ -536,7 +536,7 @@ def test_blocked_and_native_refuse_dtensor_parameters_at_construction(one_rank_g
     ],
 )
 def test_fused_impl_names_the_torch_it_needs(version, ok):
-    from gradcent.optim._fused import check_fused_torch
+    from gradcent.optim._impl import check_fused_torch
 
     if ok:
         check_fused_torch(version)
@@ -548,7 +548,7 @@ def test_fused_impl_names_the_torch_it_needs(version, ok):
 
 
 def _fused_available() -> bool:
-    from gradcent.optim._fused import FUSED_MIN_TORCH
+    from gradcent.optim._impl import FUSED_MIN_TORCH
 
     return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= FUSED_MIN_TORCH
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradcent.optim._fused import IMPLS
+from gradcent.optim import IMPLS
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

@@ -45,8 +45,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from gradcent.core import unit_size
-from gradcent.rules import MODES, Spec, check_mode
+from gradcent.rules import Spec, admit, check_mode
 
 Layout = Literal["flax", "haiku", "keras", "torch"]
 LAYOUTS: tuple[str, ...] = ("flax", "haiku", "keras", "torch")
@@ -198,36 +197,6 @@ def layer_spec(
     return Spec(MODE_KIND[kind], _all_but(ndim, -1), 1, kind)
 
 
-def mode_spec(spec: Spec | None, shape: Sequence[int], mode: str | None) -> Spec | None:
-    """Apply a GC mode and the M = 1 rule to a layer decision.
-
-    The same rule as :meth:`gradcent.rules.Plan.spec`: the spec's kind must be
-    in ``MODES[mode]``, and units of a single input (M = 1) are left alone so
-    that GC never freezes them.
-
-    Args:
-        spec: the layer decision (None: never centralized).
-        shape: the kernel's shape.
-        mode: ``"all"``, ``"conv"``, ``"fc"`` or None.
-
-    Returns:
-        ``spec`` or None.
-
-    Raises:
-        ValueError: for an unknown mode.
-
-    References:
-        Yong et al., ECCV 2020, §3.1 and §5.1 (GC vs GCC).
-
-    """
-    mode = check_mode(mode)
-    if mode is None or spec is None or spec.kind not in MODES[mode]:
-        return None
-    if unit_size(shape, spec.dims, spec.groups) <= 1:
-        return None
-    return spec
-
-
 def general_spec(ndim: int, inputs: Sequence[int], layer: str = "dense_general") -> Spec:
     """A multi-axis dense kernel: the contracted ``inputs`` axes span one unit.
 
@@ -366,9 +335,9 @@ def kernel_spec(
 ) -> Spec | None:
     """Whether a kernel gets GC under ``mode``, and along which axes.
 
-    The same rule as :meth:`gradcent.rules.Plan.spec`: the layer's spec kind
-    must be in ``MODES[mode]``, and units of a single input (M = 1) are left
-    alone so that GC never freezes them.
+    The same rule as :meth:`gradcent.rules.Plan.spec` (:func:`gradcent.rules.admit`):
+    the layer's spec kind must be in ``MODES[mode]``, and units of a single
+    input (M = 1) are left alone so that GC never freezes them.
 
     Args:
         shape: the kernel's shape in ``layout``.
@@ -393,24 +362,7 @@ def kernel_spec(
 
     """
     mode = check_mode(mode)
-    return mode_spec(layer_spec(shape, kind, layout, groups, embeddings), shape, mode)
-
-
-def output_axes(ndim: int, spec: Spec) -> tuple[int, ...]:
-    """The axes that index output units: every axis not reduced over.
-
-    Args:
-        ndim: the kernel's number of dims.
-        spec: its spec.
-
-    Returns:
-        The kept axes (with ``groups > 1``, axis 0 also carries the group).
-
-    References:
-        Yong et al., ECCV 2020, Eq. 1.
-
-    """
-    return tuple(d for d in range(ndim) if d not in spec.dims)
+    return admit(layer_spec(shape, kind, layout, groups, embeddings), shape, mode)
 
 
 def _module_kind(module: str) -> str | None:

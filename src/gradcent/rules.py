@@ -108,6 +108,35 @@ def check_mode(mode: object) -> str | None:
     return mode
 
 
+def admit(spec: Spec | None, shape: Sequence[int], mode: str | None) -> Spec | None:
+    """The admission rule: ``spec`` when its kind is in ``mode`` and its units have M > 1 inputs.
+
+    The one rule behind every front end (:meth:`Plan.spec` for torch,
+    :func:`gradcent.layouts.kernel_spec` for JAX/Flax and Keras): GC (mode
+    ``"all"``) centres conv and FC weights, GCC (``"conv"``) only conv ones,
+    and units of a single input (M = 1: ``Linear(1, n)``, a depthwise 1x1
+    conv) are left alone, since their centred gradient would be zero and they
+    would never train.
+
+    Args:
+        spec: a layer decision (None: never centralized).
+        shape: the weight's shape.
+        mode: a mode already checked by :func:`check_mode` (None: GC off).
+
+    Returns:
+        ``spec``, or None to leave the weight alone.
+
+    References:
+        Yong et al., ECCV 2020, §3.1 (Eq. 1) and §5.1 (GC vs GCC).
+
+    """
+    if mode is None or spec is None or spec.kind not in MODES[mode]:
+        return None
+    if unit_size(shape, spec.dims, spec.groups) <= 1:
+        return None
+    return spec
+
+
 # A lazy parameter of an unknown layer has no shape yet: decided at its first step.
 _DEFERRED = Spec("deferred", (), 1, "lazy")
 
@@ -425,11 +454,7 @@ class Plan:
             return None
         if any(self._include(n, p) for n in names):
             return spec if spec is not None else fallback_spec(p)
-        if spec is None or spec.kind not in MODES[self.mode]:
-            return None
-        if unit_size(p.shape, spec.dims, spec.groups) <= 1:
-            return None
-        return spec
+        return admit(spec, p.shape, self.mode)
 
     def describe(self) -> list[tuple[str, tuple[int, ...], str, str]]:
         """Rows (name, shape, layer, decision) for every parameter the plan saw.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gradcent.optim._fused import check_impl
+from gradcent.optim import IMPLS
 
 OPTIMIZERS = ("sgd", "sgdw", "adam", "adamw", "adagrad")
 DEVICES = ("cpu", "cuda", "auto")
@@ -171,7 +171,9 @@ def validate(cfg: RunConfig) -> None:
     """
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"Invalid optimizer: {cfg.optimizer!r} (expected one of {OPTIMIZERS})")
-    check_impl(cfg.impl)  # "Invalid impl: 'x' (expected one of ...)"
+    if cfg.impl not in IMPLS:
+        expected = ", ".join(repr(i) for i in IMPLS)
+        raise ValueError(f"Invalid impl: {cfg.impl!r} (expected one of {expected})")
     swept = {point["optimizer"] for point in cfg.sweep.values() if "optimizer" in point}
     if cfg.impl != "default" and "adagrad" in {cfg.optimizer, *swept}:
         raise ValueError(

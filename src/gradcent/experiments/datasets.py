@@ -1,6 +1,6 @@
 """Datasets for the experiments: one builder, one :class:`DataSpec` out.
 
-``build_dataset(name, data, subset, seed)`` returns train and test datasets plus
+``build_dataset(name, data, subset)`` returns train and test datasets plus
 what a model needs to know (classes, channels, image size, task). Only
 ``digits`` is bundled; every other dataset is read from a folder in its standard
 on-disk format, and a missing or malformed one raises :class:`DatasetError`
@@ -616,7 +616,6 @@ def build_dataset(
     name: str,
     data: str | None = None,
     subset: int | None = None,
-    seed: int = 0,
     fine_grained: bool = False,
     download: bool = False,
     context: int = 128,
@@ -633,8 +632,6 @@ def build_dataset(
         subset: keep ``subset`` evenly spaced samples (deterministic) of train
             and of test, to shrink a run (``text``: training and validation
             windows).
-        seed: accepted for a uniform call; every split here is fixed, so that
-            all seeds of a comparison see the same test set.
         fine_grained: imagefolder only: resize 512x512 / centre crop 448 (§5.5).
         download: ``mnist`` / ``fashionmnist`` only: let torchvision fetch the
             files into ``data`` when they are missing.
@@ -651,7 +648,6 @@ def build_dataset(
         Yong et al., ECCV 2020, §5.1.
 
     """
-    del seed  # every split here is fixed
     if ":" in name:
         spec = plugin_dataset(name, data)
     else:
@@ -686,7 +682,6 @@ def dataset_for(cfg: Any) -> DataSpec:
         cfg.dataset,
         cfg.data,
         cfg.subset,
-        seed=0,
         fine_grained=cfg.fine_grained,
         download=getattr(cfg, "download", False),
         context=getattr(cfg, "context", 128),

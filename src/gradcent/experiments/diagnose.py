@@ -173,7 +173,7 @@ def grad_stats(
     v = get_variant(variant)
     device = resolve_device(cfg.device)
     model = _model(cfg, data, seed, variant).to(device)
-    optimizer, centralizer = build_optimizer(cfg, v, model)
+    optimizer, gc = build_optimizer(cfg, v, model)
     convs = conv_layers(model)
     fcs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not convs or not fcs:
@@ -182,7 +182,7 @@ def grad_stats(
         f"first conv ({convs[0][0]})": convs[0][1].weight,
         f"FC ({fcs[-1][0]})": fcs[-1][1].weight,
     }
-    gc_plan = centralizer.plan.with_mode(v.gc_mode(cfg))
+    gc_plan = gc.plan.with_mode(v.gc_mode(cfg))
     series: dict[str, dict[str, list[float]]] = {k: {"l2": [], "max": []} for k in layers}
 
     def record(opt: Any, args: Any, kwargs: Any) -> None:

@@ -229,13 +229,6 @@ class DistRun:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        """Wait for every rank (rank 0 finishing its files before the others go on)."""
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
 
 def global_order(n: int, *, shuffle: bool, seed: int) -> list[int]:
     """The order in which a run visits ``n`` samples in one epoch, at any world size.

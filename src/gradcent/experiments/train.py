@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ from gradcent.experiments.variants import (
     get_variant,
     model_options,
 )
-from gradcent.optim._engine import Centralizer
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -149,22 +148,22 @@ def make_loader(
 class GCTimer:
     """Measures the seconds spent inside GC during optimizer steps.
 
-    Method: the optimizer's :class:`~gradcent.optim._engine.Centralizer` is the
-    only code GC adds to a step (``before`` centralizes the gradients and folds
-    coupled decay; ``after`` projects updates for ``where="update"``). This
-    timer shadows both methods on that one instance with timed wrappers, so the
-    measured time is exactly GC's own work, with no second "GC-free" step to
-    subtract and no estimate. On CUDA the device is synchronised around each
-    call so that asynchronous kernels are charged to GC. For a baseline the
-    Centralizer only loops over the param groups, which the timer reports too
-    (close to zero): that is the honest cost of having GC switched off.
+    Method: GC adds one pass to a step (before the update it centralizes the
+    gradients and folds coupled decay; with ``where="update"`` it projects the
+    update after it). The timer is the optimizer's (or attach handle's) public
+    ``gc_timer``, entered around exactly those passes, so the measured time is
+    GC's own work, with no second "GC-free" step to subtract and no estimate.
+    On CUDA the device is synchronised around each pass so that asynchronous
+    kernels are charged to GC. For a baseline the pass only loops over the
+    param groups, which the timer reports too (close to zero): that is the
+    honest cost of having GC switched off.
 
     With ``impl`` other than ``"default"`` GC is fused into the optimizer's
-    step, which never calls ``before`` / ``after``: its time cannot be told
-    apart from the update's, so ``in_step=True`` makes every lap NaN (not 0).
+    update, which has no separate pass: its time cannot be told apart from the
+    update's, so ``in_step=True`` makes every lap NaN (not 0).
 
     Args:
-        centralizer: the Centralizer of the optimizer.
+        owner: what applies GC (a gradcent optimizer or a :class:`~gradcent.GCHandle`).
         device: the training device.
         in_step: GC runs inside the step (``cfg.impl != "default"``); not timed.
 
@@ -173,30 +172,24 @@ class GCTimer:
 
     """
 
-    def __init__(
-        self, centralizer: Centralizer, device: torch.device, in_step: bool = False
-    ) -> None:
+    def __init__(self, owner: Any, device: torch.device, in_step: bool = False) -> None:
         self.seconds = 0.0
         self._sync = device.type == "cuda"
         self._in_step = in_step
-        if in_step:
-            return
-        for name in ("before", "after"):
-            setattr(centralizer, name, self._timed(getattr(centralizer, name)))
+        if not in_step:
+            owner.gc_timer = self._timing
 
-    def _timed(self, fn: Callable) -> Callable:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+    @contextlib.contextmanager
+    def _timing(self) -> Iterator[None]:
+        if self._sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
             if self._sync:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if self._sync:
-                    torch.cuda.synchronize()
-                self.seconds += time.perf_counter() - t0
-
-        return wrapper
+            self.seconds += time.perf_counter() - t0
 
     def lap(self) -> float:
         """Seconds since the last lap (GC time of one epoch); NaN when ``in_step``."""
@@ -580,9 +573,9 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
         lr_pre = cfg.lr_pretrained if cfg.lr_pretrained is not None else cfg.lr / 10
         # Head names without DDP's "module." prefix (FSDP2 keeps the names).
         params = param_groups_for_finetune(distributed_run.current().unwrap(model), cfg.lr, lr_pre)
-    optimizer, centralizer = build_optimizer(cfg, variant, model, params)
+    optimizer, gc = build_optimizer(cfg, variant, model, params)
     scheduler = build_scheduler(cfg, optimizer)
-    return model, optimizer, scheduler, GCTimer(centralizer, device, in_step=cfg.impl != "default")
+    return model, optimizer, scheduler, GCTimer(gc, device, in_step=cfg.impl != "default")
 
 
 @contextlib.contextmanager

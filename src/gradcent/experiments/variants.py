@@ -21,7 +21,6 @@ from torch import nn
 
 import gradcent
 from gradcent.experiments.config import RunConfig
-from gradcent.optim._engine import Centralizer
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def build_optimizer(
     variant: Variant,
     model: nn.Module,
     params: Any = None,
-) -> tuple[torch.optim.Optimizer, Centralizer]:
+) -> tuple[torch.optim.Optimizer, gradcent.SGD | gradcent.GCHandle]:
     """Build the variant's optimizer for ``model``.
 
     Gradient variants use gradcent's named optimizers (``gc=mode``; ``gc=None``
@@ -144,9 +143,11 @@ def build_optimizer(
         params: parameters or param groups (fine-tuning); default all of the model's.
 
     Returns:
-        The optimizer and the :class:`Centralizer` that applies GC for it (its
-        ``before`` / ``after`` are what the training loop times as GC cost; with
-        ``cfg.impl`` other than ``"default"`` the step does not call them).
+        The optimizer and what applies GC for it: the optimizer itself (a
+        gradcent optimizer) or the :class:`~gradcent.GCHandle` of ``attach``.
+        Both have ``plan`` and ``gc_timer`` (the GC passes the training loop
+        times as GC cost; with ``cfg.impl`` other than ``"default"`` GC runs
+        inside the update and is not timed).
 
     Raises:
         ValueError: ``gc-update`` with SGDW or with ``cfg.impl`` other than
@@ -174,11 +175,11 @@ def build_optimizer(
             )
         opt = _TORCH_OPT[cfg.optimizer](params, **_hyper(cfg))
         handle = gradcent.attach(opt, model, mode=mode, where="update")
-        return opt, handle._gc
+        return opt, handle
     # impl= only when asked: gradcent.Adagrad has no such argument.
     impl = {"impl": cfg.impl} if cfg.impl != "default" else {}
     opt = cls(params, gc=mode, model=model, **_hyper(cfg), **impl)
-    return opt, opt._gc
+    return opt, opt
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):

@@ -43,9 +43,8 @@ from gradcent.layouts import (
     infer_kind,
     infer_spec,
     layer_spec,
-    mode_spec,
 )
-from gradcent.rules import Spec, check_mode
+from gradcent.rules import Spec, admit, check_mode
 
 VariableKindFn = Callable[[Any], "str | Spec | None"]
 
@@ -231,7 +230,7 @@ class GCOptimizerMixin:
         else:
             names = tuple(path.split("/"))
             spec = infer_spec(names, shape, self.gc_layout, self.gc_embeddings, stacked=0)
-        return mode_spec(spec, shape, self.gc)
+        return admit(spec, shape, self.gc)
 
     def build(self, variables: Sequence[Any]) -> None:
         """Build the parent, then decide every variable once (kept for ``get_config``).

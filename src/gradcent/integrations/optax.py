@@ -44,12 +44,11 @@ from gradcent.layouts import (
     infer_kind,
     infer_spec,
     layer_spec,
-    mode_spec,
     stack_spec,
     stacking_axes,
     stacking_from_names,
 )
-from gradcent.rules import Spec, check_mode
+from gradcent.rules import Spec, admit, check_mode
 
 __all__ = [
     "adam_gc",
@@ -176,7 +175,7 @@ def leaf_spec(
     else:
         n = stacking_from_names(names, len(shape), stacked)
         spec = infer_spec(names, shape, layout, embeddings, stacked=n)
-    return mode_spec(spec, shape, mode)
+    return admit(spec, shape, check_mode(mode))
 
 
 def _centralize_tree(

@@ -12,17 +12,17 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradcent.optim._blocked import blocked_step, check_blocked_options
-from gradcent.optim._engine import Centralizer
-from gradcent.optim._fused import check_fused_options, check_impl, check_params, fused_step
-from gradcent.optim._native import load as load_native
-from gradcent.optim._native import native_step
-from gradcent.rules import Selector, check_mode, plan
+# _blocked, _compiled and _native are imported to register their steps with _impl.
+from gradcent.optim import _blocked, _compiled, _impl, _native  # noqa: F401
+from gradcent.optim._centralizer import Centralizer
+from gradcent.optim._impl import check_impl, check_impl_options, check_params
+from gradcent.rules import Plan, Selector, check_mode, plan
 
 
 def _unhooked(fn: Callable) -> Callable:
@@ -113,12 +113,56 @@ class GCMixin:
         """
         # Kept in defaults: torch pickles/deep-copies only defaults, state, groups.
         self.defaults["impl"] = check_impl(impl)
-        if impl == "fused":
-            check_fused_options(self)
-        elif impl in ("blocked", "native"):
-            check_blocked_options(self, impl)
-        if impl == "native":
-            load_native()  # build errors surface here, not at the first step
+        if impl != "default":
+            check_impl_options(self, impl)
+            _impl.prepare(impl)  # the native build's errors surface here, not at a step
+
+    @property
+    def plan(self) -> Plan:
+        """Which parameters GC centres and along which axes (see ``plan.describe()``)."""
+        return self._gc.plan
+
+    @property
+    def gc_timer(self) -> Callable[[], AbstractContextManager] | None:
+        """A context-manager factory entered around GC's work in :meth:`step`.
+
+        With ``impl="default"`` a step enters it around GC's pass before torch's
+        update (centring and folding coupled decay) and around the check after
+        it (nothing to project for a named optimizer): setting a timer here
+        measures exactly GC's own work, e.g. to report its share of training
+        time. The other
+        impls compute GC inside their update kernel, so a step never enters
+        the timer (there is no separate GC time to measure). Copies and pickles
+        of the optimizer start without a timer. ``None`` (the default) times nothing.
+
+        References:
+            Yong et al., ECCV 2020, §3.3 (GC's computational cost).
+
+        """
+        return self._gc.timer
+
+    @gc_timer.setter
+    def gc_timer(self, timer: Callable[[], AbstractContextManager] | None) -> None:
+        self._gc.timer = timer  # validated there
+
+    @property
+    def fused_strategy(self) -> str:
+        """How ``impl="fused"`` launches its kernels: ``"per_param"`` or ``"foreach"``.
+
+        ``"per_param"`` (the default) makes one compiled call per parameter on a
+        few small graphs shared by all shapes; ``"foreach"`` one call per group,
+        one graph per parameter set (docs/BENCHMARKS.md compares them). Other
+        impls ignore it.
+        """
+        return self.defaults.get("fused_strategy", "per_param")
+
+    @fused_strategy.setter
+    def fused_strategy(self, strategy: str) -> None:
+        if strategy not in ("per_param", "foreach"):
+            raise ValueError(
+                f"Invalid fused_strategy: {strategy!r} (expected 'per_param' or 'foreach')"
+            )
+        self.defaults["fused_strategy"] = strategy
 
     @property
     def impl(self) -> str:
@@ -145,15 +189,8 @@ class GCMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        impl = self.impl
-        if impl == "fused":
-            fused_step(self)
-            return loss
-        if impl == "blocked":
-            blocked_step(self)
-            return loss
-        if impl == "native":
-            native_step(self)
+        if self.impl != "default":
+            _impl.step(self)  # GC inside the impl's own update
             return loss
         self._gc.before(self)
         try:

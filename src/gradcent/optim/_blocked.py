@@ -13,9 +13,9 @@ Small centred parameters (and rare layouts: grouped ConvTranspose,
 non-contiguous) are centred in place exactly as the default path does, and go
 with every non-centred parameter through one multi-tensor kernel call per group
 (the gradient of a blocked parameter is left untouched; a small one is centred).
-The state is torch's fused state (``step`` a float32 tensor on the
-parameter's device, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
-``momentum_buffer``), so state dicts move freely between impls.
+The state is torch's fused state (:func:`._impl.fused_state`: ``step`` a
+float32 tensor on the parameter's device, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``, ``momentum_buffer``), so state dicts move freely between impls.
 
 References:
     Yong et al., ECCV 2020, Algorithm 1 (SGDM + GC), Algorithm 2 (Adam + GC),
@@ -30,29 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradcent.core import (
-    _LOW_PRECISION,
-    BLOCK_BYTES,
-    _is_dtensor,
-    _subtract_mean_,
-    centralize_,
-    row_blocks,
+from gradcent.core import _LOW_PRECISION, BLOCK_BYTES, _subtract_mean_, centralize_, row_blocks
+from gradcent.optim._impl import (
+    check_param,
+    check_step,
+    decay_terms,
+    fused_state,
+    has_decoupled_decay,
+    register,
 )
-from gradcent.optim._engine import has_coupled_decay, has_decoupled_decay
-from gradcent.optim._fused import check_options, kernel_kind
-
-
-def check_blocked_options(optimizer: torch.optim.Optimizer, impl: str = "blocked") -> None:
-    """Reject unsupported options, optimizers and (complex, DTensor) parameters.
-
-    ``capturable`` / ``differentiable`` must be off; parameters are named.
-
-    Args:
-        optimizer: a gradcent SGD, SGDW, Adam or AdamW.
-        impl: ``"blocked"`` or ``"native"`` (same options), for the message.
-
-    """
-    check_options(optimizer, impl, ("capturable", "differentiable"))
 
 
 class _Lists:
@@ -62,29 +48,6 @@ class _Lists:
         self.ps: list[Tensor] = []
         self.gs: list[Tensor] = []
         self.states: list[list[Tensor]] = []
-
-
-def fused_state(
-    optimizer, kind: str, group: dict[str, Any], p: Tensor
-) -> tuple[list[Tensor], bool]:
-    """Torch's fused state of ``p`` (made if missing), and whether SGD's buffer is new."""
-    if kind == "sgd" and not group["momentum"]:
-        return [], False  # no state at all, as torch's SGD (reading it would add {})
-    state = optimizer.state[p]
-    if kind == "sgd":
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            return [state["momentum_buffer"]], True
-        return [buf], False
-    if len(state) == 0:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        for name in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
-            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    elif state["step"].device != p.device or state["step"].dtype != torch.float32:
-        state["step"] = state["step"].to(p.device, torch.float32)  # from a for-loop state
-    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-    return [state[n] for n in names], False
 
 
 def _kernel(kind, optimizer, group, ps, gs, states, step, wd: float, first: bool) -> None:
@@ -160,24 +123,6 @@ def _rows_ok(p: Tensor, tensors: list[Tensor], spec) -> bool:
     return all(t.is_contiguous() and t.shape == p.shape for t in tensors)
 
 
-def check_step(optimizer: torch.optim.Optimizer) -> str:
-    """The kernel kind of a blocked/native step; rejects GradScaler's fused-step scaling."""
-    impl = optimizer.impl
-    if getattr(optimizer, "grad_scale", None) is not None:
-        raise ValueError(f"impl={impl!r} does not take GradScaler's grad_scale; use 'default'")
-    return kernel_kind(optimizer, impl)
-
-
-def check_param(p: Tensor, impl: str) -> None:
-    """Reject sparse gradients and DTensor parameters, naming the impl."""
-    if p.grad.is_sparse:
-        raise ValueError(f"impl={impl!r} needs dense gradients")
-    if _is_dtensor(p):
-        raise ValueError(
-            f"impl={impl!r} does not support DTensor parameters; use 'default' or 'fused'"
-        )
-
-
 # Inside a compiled train step Dynamo graph-breaks here and runs the step eagerly:
 # the kernels (torch's fused ones on views, the C++ one) have no fake tensor rule,
 # and the eager step is the result a compiled step must give (docs/TRAINING_LOOPS.md).
@@ -218,22 +163,20 @@ def blocked_group(optimizer, kind: str, group: dict[str, Any], params) -> None:
     """
     impl = optimizer.impl
     gc = optimizer._gc
-    gplan = gc._group_plan(group)
-    wd = float(group.get("weight_decay", 0.0))
-    decoupled = has_decoupled_decay(optimizer, group)
-    coupled = bool(wd) and has_coupled_decay(optimizer, group)
+    terms = decay_terms(optimizer, group)
     # α: coupled decay folded into ĝ (negated when maximizing, as torch negates g).
-    alpha = (-wd if group.get("maximize", False) else wd) if coupled else 0.0
-    # SGDW shrinks the weights itself; AdamW's kernel does (weight_decay=wd).
-    shrink = 1.0 - float(group["lr"]) * wd if decoupled and kind == "sgd" and wd else 1.0
-    kernel_wd_plain = wd if (coupled or (decoupled and kind == "adam")) else 0.0
-    kernel_wd_centred = wd if decoupled and kind == "adam" else 0.0
+    alpha = terms.alpha(group.get("maximize", False))
+    # SGDW shrinks the weights here; AdamW's kernel does (weight_decay=λ).
+    shrink = terms.shrink(float(group["lr"])) if kind == "sgd" else 1.0
+    kernel_wd_centred = terms.decoupled if kind == "adam" else 0.0
+    # Small parameters get g' = P(g + αw) − αw: the kernel adds its own λw back.
+    kernel_wd_plain = terms.l2 + kernel_wd_centred
     batches: dict[tuple, _Lists] = {}
     for p in params:
         if p.grad is None:
             continue
         check_param(p, impl)
-        spec = gc._spec(gplan, p) if gplan.mode is not None else None
+        spec = gc.spec(p, group)
         states, first = fused_state(optimizer, kind, group, p)
         step = [optimizer.state[p]["step"]] if kind == "adam" else []
         if step:
@@ -277,3 +220,6 @@ def _blocks(kind, optimizer, group, p, g, states, step, alpha, wd, first) -> Non
             scratch = torch.empty_like(gb)
         ghat = _centred_into(scratch, gb, pb, alpha)
         _kernel(kind, optimizer, group, [pb], [ghat], [sb], step, wd, first)
+
+
+register("blocked", blocked_step, group_step=blocked_group)

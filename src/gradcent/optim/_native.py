@@ -8,9 +8,9 @@ updated by one multi-threaded pass. For each unit (row) the kernel sums
 ĝ = g + λw, then updates that row while it is still in L1/L2, so GC adds no
 memory traffic and a few arithmetic operations per element to torch's own fused
 step. Parameters the kernel does not take (fp16/bf16, CUDA, grouped
-ConvTranspose, other memory layouts) are handed back by the kernel and go
-through :mod:`._blocked`'s path in the same step: GC in place, then torch's
-fused kernel.
+ConvTranspose, other memory layouts) are handed back by the kernel and go,
+in the same step, to the path :mod:`._impl` routes them to
+(:func:`._impl.step_leftovers`: GC in place, then torch's fused kernel).
 
 Building needs a C++ compiler (``g++``) and ``ninja`` (``pip install ninja``);
 when either is missing the optimizer's constructor raises and names both.
@@ -37,8 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradcent.optim._blocked import blocked_group, check_param, check_step, fused_state
-from gradcent.optim._fused import decay_terms
+from gradcent.optim._impl import (
+    check_param,
+    check_step,
+    decay_terms,
+    fused_state,
+    register,
+    step_leftovers,
+)
 
 _SOURCE = Path(__file__).with_name("_native.cpp")
 _CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
@@ -171,8 +177,7 @@ def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
     hit = cache.get(key)
     if hit is not None and hit[0]() is p and hit[1] == p.shape:
         return hit[2]
-    gplan = gc._group_plan(group)
-    spec = gc._spec(gplan, p) if gplan.mode is not None else None
+    spec = gc.spec(p, group)
     rows = rows_hint(p.shape, spec)
     cache[key] = (weakref.ref(p), p.shape, rows)
     return rows
@@ -188,7 +193,7 @@ def native_step(optimizer: torch.optim.Optimizer) -> None:
 
     Per group, one kernel call takes every parameter it can; the ones it hands
     back (other dtypes or devices, layouts, grouped ConvTranspose) take
-    :func:`gradcent.optim._blocked.blocked_group` in the same step.
+    :func:`gradcent.optim._impl.step_leftovers` in the same step.
 
     Args:
         optimizer: a gradcent optimizer built with ``impl="native"``.
@@ -235,7 +240,7 @@ def native_step(optimizer: torch.optim.Optimizer) -> None:
                     del optimizer.state[ps[i]]["momentum_buffer"]  # made here, never filled
                 slow.append(ps[i])
         if slow:
-            blocked_group(optimizer, kind, group, slow)
+            step_leftovers(optimizer, kind, group, slow)
 
 
 def _gather(optimizer, kind: str, group, p: Tensor, cols, first: list[bool]) -> None:
@@ -260,8 +265,9 @@ def _gather(optimizer, kind: str, group, p: Tensor, cols, first: list[bool]) -> 
 def _call(ops, kind, group, optimizer, ps, gs, cols, rows, first) -> list[int]:
     """One kernel call for a group; returns the indices it did not take."""
     # ĝ = P(s·g + l2·w) with coupled L2; the decoupled decay (SGDW, AdamW) shrinks w.
-    l2, shrink = decay_terms(optimizer, group)
+    terms = decay_terms(optimizer, group)
     lr, maximize = float(group["lr"]), bool(group.get("maximize", False))
+    l2, shrink = terms.l2, terms.shrink(lr)
     if kind == "sgd":
         return ops.sgd_(
             ps,
@@ -315,3 +321,6 @@ def centralize_many_(todo: Sequence[tuple[Tensor, Any]]) -> list[tuple[Tensor, A
         skipped = load().centralize_([t for t, _ in picked], rows)
         rest += [picked[i] for i in skipped]
     return rest
+
+
+register("native", native_step, centralize_many=centralize_many_, prepare=load)

@@ -7,10 +7,13 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
-from gradcent.optim._engine import Centralizer
+from gradcent.optim._centralizer import Centralizer
 from gradcent.rules import Plan, Selector, check_mode, plan
 
 
@@ -47,6 +50,26 @@ class GCHandle:
 
         """
         self._gc.centralize_now(self.optimizer)
+
+    @property
+    def gc_timer(self) -> Callable[[], AbstractContextManager] | None:
+        """A context-manager factory entered around each GC pass of a step.
+
+        Each ``optimizer.step()`` runs GC once before the update (centring,
+        folding coupled decay; with ``where="update"``, a snapshot of the
+        weights) and, with ``where="update"``, once after it (the projection):
+        setting a timer here measures exactly GC's own work. ``None`` (the
+        default) times nothing.
+
+        References:
+            Yong et al., ECCV 2020, §3.3 (GC's computational cost).
+
+        """
+        return self._gc.timer
+
+    @gc_timer.setter
+    def gc_timer(self, timer: Callable[[], AbstractContextManager] | None) -> None:
+        self._gc.timer = timer  # validated there
 
     def remove(self) -> None:
         """Detach GC: later steps are plain steps of the wrapped optimizer."""

@@ -20,48 +20,20 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradcent.core import centralize, centralize_
-from gradcent.rules import Plan
+from gradcent.optim._impl import centralize_all_, decay_terms
+from gradcent.rules import Plan, Spec
 
-# Optimizers whose weight_decay adds λw to the gradient before anything else
-# (read off torch's source; tests/test_attach.py classifies every torch.optim
-# optimizer numerically and fails when this list disagrees). Not here: AdamW,
-# Adafactor and Muon shrink w (decoupled); LBFGS, Rprop and SparseAdam have no
-# weight_decay.
-COUPLED_DECAY: tuple[type, ...] = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.Adadelta,
-    torch.optim.Adagrad,
-    torch.optim.RMSprop,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adamax,
-    torch.optim.ASGD,
-)
 WHERE = ("gradient", "update")
-
-
-def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
-    """True when ``group``'s decay shrinks the weights directly (AdamW, SGDW, ...)."""
-    return (
-        isinstance(optimizer, torch.optim.AdamW)
-        or bool(group.get("decoupled_weight_decay", False))
-        or getattr(optimizer, "decoupled", False)
-    )
-
-
-def has_coupled_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
-    """True when ``group``'s decay is L2 added to the gradient (fold it into GC)."""
-    if not group.get("weight_decay") or has_decoupled_decay(optimizer, group):
-        return False
-    return isinstance(optimizer, COUPLED_DECAY)
 
 
 class Centralizer:
@@ -87,6 +59,11 @@ class Centralizer:
         # which keeps the tensor, or without zeroing) makes it new again: these
         # post-accumulate hooks drop its mark, whoever zeroed it.
         self._pending_hooks: list[Any] = []
+        # The plan of each other mode a group asks for ("gc" key), made once.
+        self._mode_plans: dict[str | None, Plan] = {}
+        # Entered around each GC pass of a step (gc_timer on the optimizer or
+        # handle); not pickled: a copy starts untimed.
+        self._timer: Callable[[], AbstractContextManager] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy, pickle and torch.save of an optimizer come through here.
@@ -99,7 +76,50 @@ class Centralizer:
 
     def _group_plan(self, group: dict[str, Any]) -> Plan:
         mode = group.get("gc", self.plan.mode)
-        return self.plan if mode == self.plan.mode else self.plan.with_mode(mode)
+        if mode == self.plan.mode:
+            return self.plan
+        if mode not in self._mode_plans:
+            self._mode_plans[mode] = self.plan.with_mode(mode)
+        return self._mode_plans[mode]
+
+    def spec(self, p: Tensor, group: dict[str, Any]) -> Spec | None:
+        """How GC centres ``p`` in ``group`` this step: its spec, or None to leave it alone.
+
+        The group's ``"gc"`` mode (when it has one) overrides the plan's. Every
+        step implementation asks here, so all of them centre the same tensors
+        along the same axes. When ``p`` is centred its gradient is made ready:
+        an expanded (stride-0) gradient is replaced by a dense copy.
+
+        Args:
+            p: a parameter of ``group``.
+            group: one of the optimizer's param groups.
+
+        Raises:
+            ValueError: if ``p`` is centred and its gradient is sparse.
+
+        References:
+            Yong et al., ECCV 2020, Eq. 1 (the axes GC averages over).
+
+        """
+        gplan = self._group_plan(group)
+        return None if gplan.mode is None else self._spec(gplan, p)
+
+    @property
+    def timer(self) -> Callable[[], AbstractContextManager] | None:
+        """Entered around :meth:`before` and :meth:`after` (``gc_timer`` sets it)."""
+        return self._timer
+
+    @timer.setter
+    def timer(self, timer: Callable[[], AbstractContextManager] | None) -> None:
+        if timer is not None and not callable(timer):
+            raise TypeError(
+                f"Invalid gc_timer: {timer!r} (expected None or a callable that "
+                "returns a context manager, e.g. a @contextlib.contextmanager function)"
+            )
+        self._timer = timer
+
+    def _timed(self) -> AbstractContextManager:
+        return contextlib.nullcontext() if self._timer is None else self._timer()
 
     def _spec(self, gplan: Plan, p: Tensor):
         spec = gplan.spec(p)
@@ -115,13 +135,17 @@ class Centralizer:
                 p.grad = p.grad.contiguous()
         return spec
 
-    @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer) -> None:
-        """Centralize gradients (folding coupled decay) or snapshot weights."""
+        """Centralize gradients (folding coupled decay) or snapshot weights (timed)."""
+        with self._timed():
+            self._before(optimizer)
+
+    @torch.no_grad()
+    def _before(self, optimizer: torch.optim.Optimizer) -> None:
         done = self._pending
         self.discard_pending()
         self._snapshots.clear()
-        native = _uses_native(optimizer)
+        impl = _impl_of(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
             if gplan.mode is None:
@@ -129,8 +153,10 @@ class Centralizer:
             if self.where == "update":
                 self._snapshot(gplan, group)
                 continue
-            if has_coupled_decay(optimizer, group):
-                self._fold_decay(optimizer, gplan, group, done)
+            terms = decay_terms(optimizer, group)
+            if terms.l2:
+                alpha = terms.alpha(group.get("maximize", False))
+                self._fold_decay(optimizer, gplan, group, alpha, done)
                 continue
             todo = []
             for p in group["params"]:
@@ -139,7 +165,7 @@ class Centralizer:
                 spec = self._spec(gplan, p)
                 if spec is not None and not _is_pending(done, p):
                     todo.append((p.grad, spec))
-            self._centralize_all_(todo, native)
+            centralize_all_(todo, impl)
 
     @torch.no_grad()
     def centralize_now(self, optimizer: torch.optim.Optimizer) -> None:
@@ -159,7 +185,7 @@ class Centralizer:
                 "the update after the step, so clipping order does not matter"
             )
         self.discard_pending()
-        native = _uses_native(optimizer)
+        impl = _impl_of(optimizer)
         for group in optimizer.param_groups:
             gplan = self._group_plan(group)
             if gplan.mode is None:
@@ -172,7 +198,7 @@ class Centralizer:
                 if spec is not None:
                     todo.append((p.grad, spec))
                     self._mark_pending(p)
-            self._centralize_all_(todo, native)
+            centralize_all_(todo, impl)
 
     def _mark_pending(self, p: Tensor) -> None:
         self._pending[id(p)] = weakref.ref(p.grad)
@@ -186,20 +212,6 @@ class Centralizer:
 
             self._pending_hooks.append(p.register_post_accumulate_grad_hook(forget))
 
-    @staticmethod
-    def _centralize_all_(todo: list[tuple[Tensor, Any]], native: bool) -> None:
-        """``centralize_`` each (gradient, spec).
-
-        With ``native`` (an ``impl="native"`` optimizer), every gradient the
-        native kernel takes goes through one kernel call (same math, one pass).
-        """
-        if native and todo:
-            from gradcent.optim._native import centralize_many_
-
-            todo = centralize_many_(todo)  # hands back what it did not take
-        for g, spec in todo:
-            centralize_(g, spec.dims, spec.groups)
-
     def discard_pending(self) -> None:
         """Forget a :meth:`centralize_now` whose step never came (zero_grad, skipped step)."""
         self._pending = {}
@@ -212,6 +224,7 @@ class Centralizer:
         optimizer: torch.optim.Optimizer,
         gplan: Plan,
         group: dict[str, Any],
+        alpha: float,
         done: dict[int, weakref.ref],
     ) -> None:
         # torch computes d = grad (negated when maximizing) + λw inside its step.
@@ -222,8 +235,6 @@ class Centralizer:
         # user's value. A gradient centred earlier by centralize_now() (maybe
         # clipped since) is not centred again: it gets g' = g + αP(w) − αw, so
         # the step uses clip(Pg) + λP(w).
-        wd = group["weight_decay"]
-        alpha = -wd if group.get("maximize", False) else wd
         # GradScaler's fused path hands the step still-scaled gradients s·g and
         # lets the kernel divide by s: the decay term must be scaled alike.
         scale = getattr(optimizer, "grad_scale", None)
@@ -251,9 +262,13 @@ class Centralizer:
             if gplan.spec(p) is not None:
                 self._snapshots[id(p)] = (p, p.detach().clone())
 
-    @torch.no_grad()
     def after(self, optimizer: torch.optim.Optimizer) -> None:
-        """With ``where="update"``, project each planned update w_t − w_{t−1}."""
+        """With ``where="update"``, project each planned update w_t − w_{t−1} (timed)."""
+        with self._timed():
+            self._after(optimizer)
+
+    @torch.no_grad()
+    def _after(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._snapshots:
             return
         for group in optimizer.param_groups:
@@ -274,9 +289,9 @@ class Centralizer:
         self.discard_pending()
 
 
-def _uses_native(optimizer: torch.optim.Optimizer) -> bool:
-    """True for a gradcent optimizer built with ``impl="native"`` (its GC passes too)."""
-    return getattr(optimizer, "impl", "default") == "native"
+def _impl_of(optimizer: torch.optim.Optimizer) -> str:
+    """A gradcent optimizer's ``impl`` (its GC passes use that impl's kernel too)."""
+    return getattr(optimizer, "impl", "default")
 
 
 def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:

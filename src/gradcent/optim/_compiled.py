@@ -9,7 +9,8 @@ that unit while its row is still in cache, so GC adds no pass over memory.
 (Memory traffic is not the whole cost: on the 2-core CPU measured in
 docs/BENCHMARKS.md this kernel is still slower than torch's hand-written fused
 Adam, and each compiled call pays Dynamo's per-call overhead; on CPU,
-``impl="native"`` (:mod:`._native`) is the fast path.)
+``impl="native"`` (:mod:`._native`) is the fast path.) Which impl runs is
+decided in :mod:`._impl`.
 
 Each GC'd parameter is viewed as a 2-D ``(units, M)`` tensor (a conv weight
 ``(out, in, k, k)`` as ``(out, in·k·k)``; channels_last too, since the mean is
@@ -38,138 +39,13 @@ import torch
 from torch import Tensor
 
 from gradcent.core import _is_dtensor, centralize
-from gradcent.optim._engine import has_coupled_decay
+from gradcent.optim._impl import decay_terms, kernel_kind, loop_state, register
 from gradcent.rules import Spec
 
-IMPLS = ("default", "fused", "blocked", "native")
 # Scalar slots passed to the kernels as one small tensor, so that a learning-rate
 # schedule or the step count changes a value, never a guard (no recompilation).
 _SGD_SLOTS = ("lr", "momentum", "damp", "l2", "decay_mul", "g_coef", "buf_coef")
 _ADAM_SLOTS = ("step_size", "1-beta1", "beta2", "1-beta2", "eps", "l2", "bc2_sqrt", "decay_mul")
-
-
-def check_impl(impl: object) -> str:
-    """Validate an ``impl=`` value.
-
-    Args:
-        impl: ``"default"`` (GC pass, then torch's step: the ground truth),
-            ``"fused"`` (GC and update in one compiled kernel), ``"blocked"``
-            (GC then torch's fused kernel, block by block: :mod:`._blocked`) or
-            ``"native"`` (GC and update in one hand-written C++ pass on CPU:
-            :mod:`._native`).
-
-    Returns:
-        ``impl``.
-
-    Raises:
-        ValueError: naming the bad value.
-
-    """
-    if impl not in IMPLS:
-        expected = ", ".join(repr(i) for i in IMPLS)
-        raise ValueError(f"Invalid impl: {impl!r} (expected one of {expected})")
-    return impl  # type: ignore[return-value]
-
-
-def check_options(
-    optimizer: torch.optim.Optimizer, impl: str, unsupported: tuple[str, ...]
-) -> None:
-    """Reject torch options a non-default impl does not implement, naming them.
-
-    Args:
-        optimizer: a gradcent SGD, SGDW, Adam or AdamW.
-        impl: ``"fused"`` or ``"blocked"``, for the message.
-        unsupported: group options that must be off (``"capturable"``, ...).
-
-    Raises:
-        ValueError: for an optimizer the impl has no kernel for, or an option
-            in ``unsupported`` that is on.
-
-    """
-    kernel_kind(optimizer, impl)
-    for group in optimizer.param_groups:
-        for key in unsupported:
-            if group.get(key):
-                raise ValueError(f"impl={impl!r} does not support {key}=True")
-        check_params(optimizer, impl, group["params"])
-
-
-def check_params(optimizer: torch.optim.Optimizer, impl: str, params: list[Tensor]) -> None:
-    """Refuse, naming the parameter, what a non-default impl cannot step.
-
-    Complex parameters (the kernels are real-valued; ``impl="default"`` centres
-    each unit over its complex entries, real and imaginary parts together) and,
-    for ``"blocked"`` / ``"native"``, DTensor (FSDP2) parameters.
-
-    Raises:
-        ValueError: naming the parameter, its type and what to use instead.
-
-    """
-    gc = getattr(optimizer, "_gc", None)
-    for p in params:
-        if not p.is_complex() and not (impl != "fused" and _is_dtensor(p)):
-            continue
-        name = gc.plan.name(p) if gc is not None else f"<tensor {tuple(p.shape)}>"
-        if p.is_complex():
-            raise ValueError(
-                f"impl={impl!r} does not support complex parameters: {name!r} is {p.dtype}; "
-                "use impl='default', which centres each unit over its complex entries"
-            )
-        raise ValueError(
-            f"impl={impl!r} does not support DTensor (FSDP2) parameters: {name!r} is a "
-            "DTensor; use impl='default' or 'fused'"
-        )
-
-
-# The oldest torch whose Inductor compiles the kernels below correctly: 2.6 to
-# 2.12 fail on the SGD kernels with "KeyError: 'buf1'" (measured on 2.6.0, 2.7.1,
-# 2.8.0, 2.9.1, 2.10.0, 2.11.0, 2.12.0; 2.13.0 and 2.14.1 pass tests/test_fused.py).
-FUSED_MIN_TORCH = (2, 13)
-
-
-def check_fused_torch(version: str) -> None:
-    """Refuse ``impl="fused"`` on a torch whose Inductor cannot compile its kernels.
-
-    Args:
-        version: a torch version string (``torch.__version__``).
-
-    Raises:
-        RuntimeError: naming the version and the oldest one that works.
-
-    """
-    major, minor = (int(x) for x in version.split(".")[:2])
-    if (major, minor) < FUSED_MIN_TORCH:
-        need = ".".join(map(str, FUSED_MIN_TORCH))
-        raise RuntimeError(
-            f'impl="fused" needs torch >= {need} (this is torch {version}, whose Inductor '
-            'fails on its kernels); use impl="default" or "native"'
-        )
-
-
-def check_fused_options(optimizer: torch.optim.Optimizer) -> None:
-    """Reject ``fused=True``, ``capturable``, ``differentiable`` for ``impl="fused"``.
-
-    Raises:
-        ValueError: an option the fused path cannot honour.
-        RuntimeError: a torch older than :data:`FUSED_MIN_TORCH`.
-
-    """
-    check_options(optimizer, "fused", ("fused", "capturable", "differentiable"))
-    check_fused_torch(torch.__version__)
-
-
-def kernel_kind(optimizer: torch.optim.Optimizer, impl: str = "fused") -> str:
-    """``"sgd"`` (SGD, SGDW) or ``"adam"`` (Adam, AdamW): which update kernel runs.
-
-    Raises:
-        ValueError: naming the optimizer when ``impl`` has no kernel for it.
-
-    """
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd"
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return "adam"
-    raise ValueError(f"impl={impl!r} has no kernel for {type(optimizer).__name__}")
 
 
 # ---------------------------------------------------------------- the math
@@ -355,16 +231,6 @@ def _fast(p: Tensor, tensors: list[Tensor], spec: Spec | None) -> bool:
 # ---------------------------------------------------------------- the step
 
 
-def decay_terms(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[float, float]:
-    """(l2, decay_mul): coupled L2 folded into ĝ, or the decoupled shrink factor."""
-    wd = float(group.get("weight_decay", 0.0))
-    if not wd:
-        return 0.0, 1.0
-    if has_coupled_decay(optimizer, group):
-        return wd, 1.0
-    return 0.0, 1.0 - float(group["lr"]) * wd
-
-
 def _scalars(values: list[list[float]], device: torch.device) -> list[Tensor]:
     """One float32 row per parameter, moved to the device in one copy."""
     table = torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
@@ -380,32 +246,6 @@ class _Batch:
         self.cols: list[list[Tensor | None]] = []
         self.rows: list[list[float]] = []
         self.centres: list[bool] = []
-
-
-def _state_tensors(
-    optimizer, kind: str, group: dict[str, Any], p: Tensor
-) -> tuple[list[Tensor], bool]:
-    """Create torch's state for ``p`` if missing.
-
-    Returns the tensors the kernel updates, and whether the state was just made.
-    """
-    if kind == "sgd" and not group["momentum"]:
-        return [], False  # no state at all, as torch's SGD (reading it would add {})
-    state = optimizer.state[p]
-    if kind == "sgd":
-        first = state.get("momentum_buffer") is None
-        if first:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return [state["momentum_buffer"]], first
-    first = len(state) == 0
-    if first:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-    return [state[n] for n in names], first
 
 
 def _row(
@@ -433,38 +273,41 @@ def _row(
 # measured on torch 2.14; docs/TRAINING_LOOPS.md).
 @torch.compiler.disable
 @torch.no_grad()
-def fused_step(optimizer: torch.optim.Optimizer, strategy: str = "per_param") -> None:
+def fused_step(optimizer: torch.optim.Optimizer, strategy: str | None = None) -> None:
     """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, fused and compiled.
 
     Args:
         optimizer: a gradcent optimizer built with ``impl="fused"``.
         strategy: ``"per_param"`` (one compiled call per parameter; a few small
             graphs shared by all shapes) or ``"foreach"`` (one compiled call per
-            group, one graph per parameter set).
+            group, one graph per parameter set); by default the optimizer's
+            ``fused_strategy``.
 
     References:
         Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
 
     """
     kind = kernel_kind(optimizer)
+    if strategy is None:
+        strategy = optimizer.defaults.get("fused_strategy", "per_param")
     gc = optimizer._gc
     # P is idempotent, so gradients centred earlier by centralize_grads() (and
     # maybe clipped since) give P(Pg + λw) = Pg + λP(w): the default path's rule.
     gc.discard_pending()
     cache = optimizer.__dict__.setdefault("_fused_rows", {})
     for group in optimizer.param_groups:
-        gplan = gc._group_plan(group)
-        l2, mul = decay_terms(optimizer, group)
+        terms = decay_terms(optimizer, group)
+        l2, mul = terms.l2, terms.shrink(float(group["lr"]))
         maximize = group.get("maximize", False)
         batches: dict[tuple, _Batch] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
-            spec = gc._spec(gplan, p) if gplan.mode is not None else None
+            spec = gc.spec(p, group)
             if p.grad.is_sparse:
                 raise ValueError("impl='fused' needs dense gradients")
             g = -p.grad if maximize else p.grad
-            state, first = _state_tensors(optimizer, kind, group, p)
+            state, first = loop_state(optimizer, kind, group, p)
             row = _row(kind, optimizer, group, p, first, l2, mul)
             pd = p.detach()
             if _is_dtensor(pd):
@@ -532,3 +375,6 @@ def _launch(kind: str, group: dict[str, Any], batch: _Batch, ss: list[Tensor], s
     per = list(zip(*[_split(kind, group, c) for c in batch.cols], strict=True))
     lists = [[] if col[0] is None else list(col) for col in per]
     fn(*lists, ss, tuple(batch.centres))
+
+
+register("fused", fused_step)
