@@ -130,10 +130,10 @@ class GCMixin:
         update (centring and folding coupled decay) and around the check after
         it (nothing to project for a named optimizer): setting a timer here
         measures exactly GC's own work, e.g. to report its share of training
-        time. The other
-        impls compute GC inside their update kernel, so a step never enters
-        the timer (there is no separate GC time to measure). Copies and pickles
-        of the optimizer start without a timer. ``None`` (the default) times nothing.
+        time. The other impls compute GC inside their update kernel, so a step
+        never enters the timer (there is no separate GC time to measure).
+        Copies and pickles of the optimizer start without a timer. ``None``
+        (the default) times nothing.
 
         References:
             Yong et al., ECCV 2020, §3.3 (GC's computational cost).
