@@ -58,9 +58,9 @@ def test_report_command_reproduces_the_config(swept):
 
 
 def test_command_line_of_a_preset_names_only_the_overrides():
-    cfg = resolve(get_preset("fmnist-table1"), data="../shared/data", seeds=(0, 1, 2))
+    cfg = resolve(get_preset("fmnist-table1"), data="/data/fashion", seeds=(0, 1, 2))
     assert command_line(cfg.to_dict()) == (
-        "gradcent compare --preset fmnist-table1 --data ../shared/data --seeds 3"
+        "gradcent compare --preset fmnist-table1 --data /data/fashion --seeds 3"
     )
     cfg = resolve(None, seeds=(1, 4), milestones=(2,), epochs=3)
     assert command_line(cfg.to_dict()) == (
