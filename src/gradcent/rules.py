@@ -46,6 +46,7 @@ References:
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -404,6 +405,9 @@ class Plan:
         self._include = _matcher(include)
         self._exclude = _matcher(exclude)
         self._selectors = (include, exclude)
+        # spec() runs for every parameter at every step: its answers are kept per
+        # tensor and shape (a lazy parameter changes shape when it materializes).
+        self._specs: dict[int, tuple[weakref.ref, tuple[int, ...], Spec | None]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy, pickle and torch.save (of an optimizer holding the plan)
@@ -442,6 +446,14 @@ class Plan:
         """The spec of ``p`` under this plan's mode, or None to leave it alone."""
         if self.mode is None:
             return None
+        hit = self._specs.get(id(p))
+        if hit is not None and hit[0]() is p and hit[1] == p.shape:
+            return hit[2]
+        spec = self._decide(p)
+        self._specs[id(p)] = (weakref.ref(p), p.shape, spec)
+        return spec
+
+    def _decide(self, p: Tensor) -> Spec | None:
         entry = self._entry(p)
         if entry is not None:
             names, spec = entry.names, entry.spec

@@ -56,9 +56,11 @@ class Centralizer:
         # next step leaves them as they are (the user may have clipped them).
         self._pending: dict[int, weakref.ref] = {}
         # A backward into a pending gradient (after zero_grad(set_to_none=False),
-        # which keeps the tensor, or without zeroing) makes it new again: these
-        # post-accumulate hooks drop its mark, whoever zeroed it.
-        self._pending_hooks: list[Any] = []
+        # which keeps the tensor, or without zeroing) makes it new again: a
+        # post-accumulate hook, registered once per parameter (registering at
+        # every call cost more than the native GC pass itself), drops its mark,
+        # whoever zeroed it.
+        self._hooked: dict[int, weakref.ref] = {}
         # The plan of each other mode a group asks for ("gc" key), made once.
         self._mode_plans: dict[str | None, Plan] = {}
         # Entered around each GC pass of a step (gc_timer on the optimizer or
@@ -203,21 +205,14 @@ class Centralizer:
     def _mark_pending(self, p: Tensor) -> None:
         self._pending[id(p)] = weakref.ref(p.grad)
         if p.requires_grad:
-            pending = self._pending
-            key = id(p)
-
-            def forget(_p: Tensor) -> None:
-                # this call's dict, so that a late hook never touches a newer one
-                pending.pop(key, None)
-
-            self._pending_hooks.append(p.register_post_accumulate_grad_hook(forget))
+            hooked = self._hooked.get(id(p))
+            if hooked is None or hooked() is not p:
+                p.register_post_accumulate_grad_hook(_forget_hook(self))
+                self._hooked[id(p)] = weakref.ref(p)
 
     def discard_pending(self) -> None:
         """Forget a :meth:`centralize_now` whose step never came (zero_grad, skipped step)."""
         self._pending = {}
-        for h in self._pending_hooks:
-            h.remove()
-        self._pending_hooks = []
 
     def _fold_decay(
         self,
@@ -292,6 +287,22 @@ class Centralizer:
 def _impl_of(optimizer: torch.optim.Optimizer) -> str:
     """A gradcent optimizer's ``impl`` (its GC passes use that impl's kernel too)."""
     return getattr(optimizer, "impl", "default")
+
+
+def _forget_hook(gc: Centralizer) -> Callable[[Tensor], None]:
+    """A post-accumulate hook dropping a parameter's mark in ``gc``'s current pending set.
+
+    It holds ``gc`` weakly: a parameter outliving its optimizer keeps a hook
+    that does nothing.
+    """
+    ref = weakref.ref(gc)
+
+    def forget(p: Tensor) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._pending.pop(id(p), None)
+
+    return forget
 
 
 def _is_pending(done: dict[int, weakref.ref], p: Tensor) -> bool:
