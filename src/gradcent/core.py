@@ -106,15 +106,40 @@ def _subtract_mean_(view: Tensor, dims: tuple[int, ...]) -> None:
 # DTensor (FSDP2, tensor parallel) support lives here, not in gradcent.distributed:
 # the optimizer layer calls centralize_ and must not import layer 4. Nothing here
 # imports torch.distributed unless a DTensor is actually passed in.
-def _is_dtensor(t: Tensor) -> bool:
-    """True for a DTensor, without importing torch.distributed for plain tensors."""
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor, without importing torch.distributed for plain tensors.
+
+    Args:
+        t: any tensor.
+
+    Returns:
+        True for a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded
+        parameters and gradients), False otherwise.
+
+    References:
+        PyTorch, ``torch.distributed.tensor`` (DTensor).
+
+    """
     # A DTensor can only exist once torch.distributed.tensor is imported.
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and isinstance(t, mod.DTensor)
 
 
-def _mesh_dims_splitting_units(t: Tensor, rdims: Sequence[int]) -> list[int]:
-    """Mesh dims of DTensor ``t`` whose ``Shard(d)`` cuts units (``d`` a reduction dim)."""
+def mesh_dims_splitting_units(t: Tensor, rdims: Sequence[int]) -> list[int]:
+    """The mesh dims of a DTensor whose ``Shard(d)`` cuts GC units apart.
+
+    Args:
+        t: a DTensor.
+        rdims: the dims GC reduces over (Eq. 1's average runs along them).
+
+    Returns:
+        Indices of ``t.placements`` that are ``Shard(d)`` with ``d`` in
+        ``rdims``: along those, a unit's mean needs its other shards.
+
+    References:
+        Yong et al., ECCV 2020, Eq. 1 (the reduction axes).
+
+    """
     from torch.distributed.tensor import Shard
 
     return [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard) and pl.dim in rdims]
@@ -142,7 +167,7 @@ def _centralize_dtensor_(t: Tensor, rdims: tuple[int, ...], groups: int) -> None
     if groups > 1 and t.shape[0] % groups:
         raise ValueError(f"dim 0 of shape {tuple(t.shape)} is not divisible by groups={groups}")
     local = t.to_local()
-    split = _mesh_dims_splitting_units(t, rdims)
+    split = mesh_dims_splitting_units(t, rdims)
     if not split:
         if local.numel():
             _subtract_mean_(*_unit_view(local, rdims, groups))
@@ -195,7 +220,7 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
     _check_groups(t.shape, rdims, groups)  # before any early return
     if not rdims or t.numel() == 0 or unit_size(t.shape, rdims, groups) <= 1:
         return t
-    if _is_dtensor(t):
+    if is_dtensor(t):
         _centralize_dtensor_(t, rdims, groups)
         return t
     if groups == 1 and _blockable(t, rdims):
@@ -286,7 +311,7 @@ def centralize_many_(
             and t.is_contiguous()
             and unit_size(t.shape, rdims) <= _BLOCK_MAX_ROW
         )
-        if stackable and not _is_dtensor(t):
+        if stackable and not is_dtensor(t):
             key = (tuple(t.shape), t.dtype, t.device, rdims)
             buckets.setdefault(key, []).append(t)
         else:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradcent.core import _is_dtensor, _mesh_dims_splitting_units
+from gradcent.core import is_dtensor, mesh_dims_splitting_units
 from gradcent.rules import Plan, Spec, plan
 
 
@@ -84,11 +84,11 @@ def unit_spans_shards(p: Tensor, spec: Spec) -> list[int]:
         Yong et al., ECCV 2020, Eq. 1.
 
     """
-    return _mesh_dims_splitting_units(p, spec.dims) if _is_dtensor(p) else []
+    return mesh_dims_splitting_units(p, spec.dims) if is_dtensor(p) else []
 
 
 def _cost(name: str, p: Tensor, spec: Spec) -> GCCost:
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return GCCost(name, "dense", "dense", 0, 0, 0)
     placements = ", ".join(str(pl) for pl in p.placements)
     split = unit_spans_shards(p, spec)

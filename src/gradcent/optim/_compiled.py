@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradcent.core import _is_dtensor, centralize
+from gradcent.core import centralize, is_dtensor
 from gradcent.optim._impl import decay_terms, kernel_kind, loop_state, register
 from gradcent.rules import Spec
 
@@ -310,7 +310,7 @@ def fused_step(optimizer: torch.optim.Optimizer, strategy: str | None = None) ->
             state, first = loop_state(optimizer, kind, group, p)
             row = _row(kind, optimizer, group, p, first, l2, mul)
             pd = p.detach()
-            if _is_dtensor(pd):
+            if is_dtensor(pd):
                 # FSDP2: the kernels run on this rank's shard (a DTensor has no
                 # storage to alias). Units split across shards get ĝ from
                 # centralize's all-reduce first, then a plain update.

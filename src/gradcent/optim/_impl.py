@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gradcent.core import _is_dtensor, centralize_
+from gradcent.core import centralize_, is_dtensor
 
 IMPLS = ("default", "fused", "blocked", "native")
 # Who steps the parameters the native kernel does not take (other dtypes,
@@ -218,7 +218,7 @@ def check_params(optimizer: torch.optim.Optimizer, impl: str, params: list[Tenso
     """
     gc = getattr(optimizer, "_gc", None)
     for p in params:
-        if not p.is_complex() and not (impl != "fused" and _is_dtensor(p)):
+        if not p.is_complex() and not (impl != "fused" and is_dtensor(p)):
             continue
         name = gc.plan.name(p) if gc is not None else f"<tensor {tuple(p.shape)}>"
         if p.is_complex():
@@ -277,7 +277,7 @@ def check_param(p: Tensor, impl: str) -> None:
     """Reject sparse gradients and DTensor parameters, naming the impl."""
     if p.grad.is_sparse:
         raise ValueError(f"impl={impl!r} needs dense gradients")
-    if _is_dtensor(p):
+    if is_dtensor(p):
         raise ValueError(
             f"impl={impl!r} does not support DTensor parameters; use 'default' or 'fused'"
         )
