@@ -7,8 +7,6 @@ torch.compile on CPU (seconds).
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -164,17 +162,3 @@ def test_fused_leaves_default_behaviour_alone():
     clone = copy.deepcopy(opt)
     assert clone.defaults["impl"] == "fused"
     assert SGD(p, lr=0.1).defaults["impl"] == "default"
-
-
-@pytest.mark.experiments  # the benchmark suite builds torchvision models
-def test_benchmark_quick_smoke():
-    # A smoke run only: speed belongs to the benchmark suite, and a wall-clock bound
-    # failed on a loaded machine.
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=900,  # a hang guard, not a speed bound
-        check=True,
-    ).stdout
-    assert "gradcent fused" in out and "targets" in out.lower()

@@ -1,0 +1,158 @@
+"""The issue's performance targets, and whether a benchmark result meets them.
+
+Pure functions over the result that ``run.py --json`` writes, so ``run.py --check``
+and ``report.py --check`` judge by the same table. Standard library only: the
+renderer and its tests run without torch.
+
+The targets are set for CPU at 2 threads, ratios from interleaved rounds on the
+same gradients (issue 15, item 7). The fused path is the GPU candidate: its
+targets are reported on every device but only checked on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COPY = "copy of the gradients"
+TORCH_ADAM = "torch fused Adam (no GC)"
+TORCH_SGDM = "torch fused SGDM (no GC)"
+STEP = "ResNet-18 step"
+
+PASS = "PASS"
+FAIL = "FAIL"
+NOT_MEASURED = "not measured"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One promise: ``case`` takes at most ``limit`` times ``reference``.
+
+    ``scope`` "set": once per parameter set, ``case`` and ``reference`` name timed
+    cases. ``scope`` "step": ``case`` names a GC share of the ResNet-18 training
+    step (``share_eager``, ...) and ``limit`` is a fraction of the step.
+    ``checked_on`` "cuda": a GPU target, reported elsewhere but never failed there.
+    """
+
+    name: str
+    case: str
+    reference: str
+    limit: float
+    scope: str = "set"
+    checked_on: str = "any"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "native GC pass (opt.centralize_grads(), impl='native') <= 0.70x a copy of the gradients",
+        "gradcent native GC pass",
+        COPY,
+        0.70,
+    ),
+    Target("native GC+Adam <= 1.00x torch fused Adam", "gradcent native Adam", TORCH_ADAM, 1.00),
+    Target("native GC+SGDM <= 1.00x torch fused SGD", "gradcent native SGDM", TORCH_SGDM, 1.00),
+    Target("eager GC pass <= 1.00x a copy of the gradients", "gradcent eager GC pass", COPY, 1.00),
+    Target(
+        "fused GC+Adam <= 1.10x torch fused Adam (GPU target)",
+        "gradcent fused Adam",
+        TORCH_ADAM,
+        1.10,
+        checked_on="cuda",
+    ),
+    Target(
+        "fused GC+SGDM <= 1.10x torch fused SGD (GPU target)",
+        "gradcent fused SGDM",
+        TORCH_SGDM,
+        1.10,
+        checked_on="cuda",
+    ),
+    Target("GC share of a ResNet-18 step <= 0.3%, eager GC pass", "share_eager", "", 0.003, "step"),
+    Target("GC share of a ResNet-18 step <= 0.3%, native step", "share_native", "", 0.003, "step"),
+    Target(
+        "GC share of a ResNet-18 step <= 0.3%, fused step (GPU target)",
+        "share_fused",
+        "",
+        0.003,
+        "step",
+        "cuda",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A target judged on one parameter set (or the step): value shown and status."""
+
+    target: str
+    where: str
+    measured: str
+    status: str
+
+
+def lookup(medians: dict[str, float], case: str) -> float | None:
+    """The median of ``case``, also under the name older results gave it.
+
+    Results written before the fused strategies were dropped call the fused
+    step "gradcent fused Adam [per_param]".
+    """
+    for name in (case, f"{case} [per_param]"):
+        if name in medians:
+            return medians[name]
+    return None
+
+
+def status_of(met: bool, target: Target, device: str) -> str:
+    """PASS/FAIL where the target is checked on ``device``, else a reported-only note."""
+    if target.checked_on == "any" or device.startswith(target.checked_on):
+        return PASS if met else FAIL
+    return f"{'met' if met else 'missed'}; not checked on {device} ({target.checked_on} only)"
+
+
+def _judge_set(target: Target, where: str, medians: dict[str, float], device: str) -> Verdict:
+    value, ref = lookup(medians, target.case), lookup(medians, target.reference)
+    if value is None or not ref:
+        return Verdict(target.name, where, "", NOT_MEASURED)
+    ratio = round(value / ref, 3)  # judged as shown: "0.700x" passes "<= 0.70x"
+    return Verdict(
+        target.name, where, f"{ratio:.3f}x", status_of(ratio <= target.limit, target, device)
+    )
+
+
+def _judge_step(target: Target, step: dict | None, device: str) -> Verdict:
+    share = (step or {}).get(target.case)
+    if share is None:
+        return Verdict(target.name, STEP, "", NOT_MEASURED)
+    share = round(share, 5)  # judged as shown, to 0.001%
+    return Verdict(
+        target.name, STEP, f"{share:.3%}", status_of(share <= target.limit, target, device)
+    )
+
+
+def evaluate(result: dict, targets: tuple[Target, ...] = TARGETS) -> list[Verdict]:
+    """Every target judged on a benchmark result, in table order.
+
+    Args:
+        result: what ``run.py --json`` writes: ``device``, ``sets`` (label ->
+            ``median_s``) and ``resnet18_step`` (None when not run).
+        targets: the table to judge by.
+
+    Returns:
+        One verdict per target and parameter set (per target for the step);
+        "not measured" where a case did not run.
+    """
+    device = result.get("device", "cpu")
+    sets = result.get("sets") or {}
+    out = []
+    for target in targets:
+        if target.scope == "step":
+            out.append(_judge_step(target, result.get("resnet18_step"), device))
+        elif not sets:
+            out.append(Verdict(target.name, "no parameter set run", "", NOT_MEASURED))
+        else:
+            for label, res in sets.items():
+                out.append(_judge_set(target, label, res["median_s"], device))
+    return out
+
+
+def failures(verdicts: list[Verdict]) -> list[Verdict]:
+    """The verdicts that fail a check (missed where checked)."""
+    return [v for v in verdicts if v.status == FAIL]
