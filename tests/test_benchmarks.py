@@ -204,6 +204,14 @@ def test_rewrite_fills_each_marked_block_with_what_its_command_prints(tmp_path, 
     assert doc_path.read_text() == new
 
 
+def test_benchmarks_doc_tables_are_generated_from_the_committed_results():
+    # Fails when a result file or the renderer changed without
+    # `python benchmarks/report.py --write docs/BENCHMARKS.md`.
+    doc = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    assert doc.count("<!-- report: ") >= 1
+    assert report.rewrite(doc) == doc
+
+
 @pytest.mark.experiments  # run.py builds torchvision models
 @pytest.mark.fused  # and times impl="fused" (its first step compiles)
 @pytest.mark.slow
