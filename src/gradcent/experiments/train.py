@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from gradcent.experiments import distributed_run
 from gradcent.experiments.coco import coco_bbox_ap
-from gradcent.experiments.config import RunConfig
+from gradcent.experiments.config import NUMBERS, RunConfig, options_with_role
 from gradcent.experiments.devices import resolve_device, to_device
 from gradcent.experiments.loaders import make_loader
 from gradcent.experiments.reproducibility import epoch_seed, reproducible, seed_everything
@@ -60,17 +60,6 @@ from gradcent.experiments.variants import (
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-# Options that do not change the numbers a run produces (may differ on resume).
-_NON_NUMERIC = (
-    "quiet",
-    "workers",
-    "variants",
-    "seeds",
-    "sweep",
-    "preset",
-    "paper_table",
-    "download",
-)
 
 Log = Callable[[str], None]
 
@@ -279,11 +268,21 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 
 def numeric_config(cfg: RunConfig) -> dict[str, Any]:
-    """The options that change a run's numbers (a checkpoint must match them)."""
-    d = cfg.to_dict()
-    for k in _NON_NUMERIC:
-        d.pop(k, None)
-    return d
+    """The options that change a run's numbers (a checkpoint must match them).
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        ``cfg.to_dict()`` without the options of another role than
+        ``config.NUMBERS`` (those may differ on resume).
+
+    References:
+        Yong et al., ECCV 2020, §5 (what a run depends on).
+
+    """
+    numbers = options_with_role(NUMBERS)
+    return {k: v for k, v in cfg.to_dict().items() if k in numbers}
 
 
 # What train_run writes: a checkpoint may carry more fields (plain values or
