@@ -282,8 +282,9 @@ def _digits_args(out: Path) -> list[str]:
 def test_train_fsdp_on_two_ranks_resumes_on_one(tmp_path: Path, harness: Path) -> None:
     from gradcent.cli import main
     from gradcent.experiments.datasets import build_dataset
+    from gradcent.experiments.loaders import make_loader
     from gradcent.experiments.models import build_model
-    from gradcent.experiments.train import evaluate, make_loader
+    from gradcent.experiments.train import evaluate
 
     out = tmp_path / "run"
     launch(

@@ -1,9 +1,10 @@
 """The ``gradcent`` command: ``train``, ``compare``, ``diagnose``, ``presets``, ``report``.
 
-Argument parsing only: every option becomes a field of
-:class:`~gradcent.experiments.config.RunConfig` and the work is done in
-:mod:`gradcent.experiments`. A bad value exits with status 2 and a message
-naming the option.
+Argument parsing only: the run options are read from the fields of
+:class:`~gradcent.experiments.config.RunConfig` (one ``--flag`` per field
+declared with ``flag=``, parsed by its type), every value is checked by the
+config's validation, and the work is done in :mod:`gradcent.experiments`. A bad
+value exits with status 2 and a message naming the option.
 
 References:
     Yong et al., ECCV 2020, §5 (the experiments the presets reproduce).
@@ -15,11 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from gradcent.optim import IMPLS
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -50,18 +50,56 @@ def parse_list(text: str) -> tuple[str, ...]:
     return items
 
 
-_SWEEP_TYPES = {
-    "lr": float,
-    "weight_decay": float,
-    "momentum": float,
-    "gamma": float,
-    "batch_size": int,
-    "epochs": int,
-    "optimizer": str,
-    "gc_mode": str,
-    "norm": str,
-    "model": str,
-}
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"60,120,180"`` -> ``(60, 120, 180)``; ``""`` -> ``()``.
+
+    Raises:
+        argparse.ArgumentTypeError: naming the bad value.
+
+    """
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid integer list {text!r} (expected a comma list like 2,4)"
+        ) from None
+
+
+def parse_bool(text: str) -> bool:
+    """``"true"`` / ``"1"`` -> True, ``"false"`` / ``"0"`` -> False (any case).
+
+    Raises:
+        argparse.ArgumentTypeError: naming the bad value.
+
+    """
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (expected true or false)")
+    return value
+
+
+# Values --sweep can spell: one scalar per point (a tuple's commas would be ambiguous).
+_SCALARS = {int: int, float: float, str: str, bool: parse_bool}
+
+
+def sweep_options() -> dict[str, Callable[[str], Any]]:
+    """``{option: parser}`` of the options ``--sweep`` takes: the sweepable scalars.
+
+    Returns:
+        Every option of ``config.SWEEPABLE`` whose values are single numbers,
+        strings or booleans, with the parser of one value.
+
+    References:
+        Yong et al., ECCV 2020, Tables 1-5 (each varies one option).
+
+    """
+    from gradcent.experiments.config import SWEEPABLE, flag_options, option_type
+
+    return {
+        name: _SCALARS[option_type(name)]
+        for name in flag_options()
+        if name in SWEEPABLE and option_type(name) in _SCALARS
+    }
 
 
 def parse_sweep(text: str) -> dict[str, dict[str, Any]]:
@@ -71,18 +109,19 @@ def parse_sweep(text: str) -> dict[str, dict[str, Any]]:
         argparse.ArgumentTypeError: naming the bad option or value.
 
     """
+    types = sweep_options()
     key, _, values = text.partition("=")
     key = key.strip().replace("-", "_")
-    if key not in _SWEEP_TYPES or not values.strip():
+    if key not in types or not values.strip():
         raise argparse.ArgumentTypeError(
             f"invalid --sweep {text!r} (expected OPTION=V1,V2,... with OPTION one of "
-            f"{', '.join(sorted(_SWEEP_TYPES))})"
+            f"{', '.join(sorted(types))})"
         )
     points = {}
     for v in (v.strip() for v in values.split(",") if v.strip()):
         try:
-            points[f"{key}={v}"] = {key: _SWEEP_TYPES[key](v)}
-        except ValueError:
+            points[f"{key}={v}"] = {key: types[key](v)}
+        except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"invalid --sweep value {v!r} for {key}") from None
     return points
 
@@ -97,67 +136,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Options whose text has its own syntax; the others are read by their type.
+_SYNTAX: dict[str, Callable[[str], Any]] = {"seeds": parse_seeds, "sweep": parse_sweep}
+
+
+def _argument(name: str) -> dict[str, Any]:
+    """``add_argument`` keywords of one RunConfig option, from its type and --help."""
+    from gradcent.experiments.config import flag_options, option_choices, option_type
+
+    kw: dict[str, Any] = {"help": flag_options()[name]}
+    if choices := option_choices(name):
+        kw["choices"] = choices
+    kind = option_type(name)
+    if name in _SYNTAX:
+        kw["type"] = _SYNTAX[name]
+    elif kind is bool:  # a switch; None means "not given" (the preset's value stays)
+        kw.update(action="store_true", default=None)
+    elif typing.get_origin(kind) is tuple:
+        kw["type"] = parse_list if typing.get_args(kind)[0] is str else parse_ints
+    else:
+        kw["type"] = kind
+    return kw
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a paper protocol (see `gradcent presets`)")
-    p.add_argument(
-        "--dataset",
-        help="digits (default), mnist, fashionmnist, text, cifar100, imagefolder, coco, "
-        "... or MODULE:FUNCTION",
-    )
-    p.add_argument(
-        "--data", help="dataset folder, or the text file (not for digits, which is bundled)"
-    )
-    p.add_argument(
-        "--download",
-        action="store_true",
-        default=None,
-        help="mnist / fashionmnist: let torchvision fetch missing files into --data",
-    )
-    p.add_argument("--model", help="smallcnn (default), resnet20, gpt, ... or MODULE:FUNCTION")
-    p.add_argument(
-        "--context", type=_positive_int, help="text: characters per window (default 128)"
-    )
-    p.add_argument("--gpt-layers", type=_positive_int, help="gpt: blocks (default 4)")
-    p.add_argument("--gpt-heads", type=_positive_int, help="gpt: attention heads (default 4)")
-    p.add_argument("--gpt-width", type=_positive_int, help="gpt: model width (default 128)")
-    p.add_argument("--norm", help="bn, gn or none")
-    p.add_argument("--ws", action="store_true", default=None, help="weight-standardised convs")
-    p.add_argument(
-        "--pretrained",
-        help="weights to fine-tune from: a run's checkpoint.pt or a state_dict file",
-    )
-    p.add_argument("--variants", type=parse_list, help="comma list, e.g. baseline,gc,gcc")
-    p.add_argument("--seeds", type=parse_seeds, help="N (seeds 0..N-1) or a comma list")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--subset", type=_positive_int, help="use only this many samples")
-    p.add_argument(
-        "--image-size",
-        type=_positive_int,
-        help="detection models: resize target (default 800; small for CPU smoke runs)",
-    )
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--optimizer", help="sgd, sgdw, adam, adamw, adagrad")
-    p.add_argument(
-        "--impl",
-        choices=IMPLS,
-        help="the optimizer's impl= (default; fused, blocked, native: GC inside the "
-        "step, GC time not reported)",
-    )
-    p.add_argument("--gc-mode", help="GC mode of the gc variants: all, conv, fc")
-    p.add_argument(
-        "--sweep",
-        type=parse_sweep,
-        help="compare at each value, e.g. lr=0.01,0.1 or weight-decay=0,1e-4",
-    )
-    p.add_argument("--device", help="cpu, cuda or auto")
-    p.add_argument("--workers", type=int, help="DataLoader workers")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch default; 1 default)")
+    # One --flag per RunConfig option declared with flag=; the values are
+    # checked once, by config.validate (which names the option).
+    from gradcent.experiments.config import flag_options
+
+    for name in flag_options():
+        p.add_argument(f"--{name.replace('_', '-')}", **_argument(name))
     p.add_argument("--out", help="output folder (default runs/<command>-<preset>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out")
-    p.add_argument("--quiet", action="store_true", default=None, help="no per-epoch logs")
 
 
 def _add_distributed_option(p: argparse.ArgumentParser) -> None:
@@ -206,41 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CONFIG_OPTIONS = (
-    "dataset",
-    "data",
-    "download",
-    "context",
-    "gpt_layers",
-    "gpt_heads",
-    "gpt_width",
-    "model",
-    "norm",
-    "ws",
-    "pretrained",
-    "variants",
-    "seeds",
-    "epochs",
-    "subset",
-    "image_size",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "optimizer",
-    "impl",
-    "gc_mode",
-    "sweep",
-    "device",
-    "workers",
-    "threads",
-    "quiet",
-)
-
-
 def resolve_config(args: argparse.Namespace) -> Any:
     """The RunConfig from ``--preset`` and the other options given."""
-    from gradcent.experiments.config import resolve
+    from gradcent.experiments.config import flag_options, resolve
 
     preset = None
     if args.preset:
@@ -252,7 +230,9 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
         for name in args.variants:
             get_variant(name)
-    return resolve(preset, **{k: getattr(args, k) for k in _CONFIG_OPTIONS})
+    # --preset is resolved to its Preset above; every other flag is an override.
+    options = {k: getattr(args, k) for k in flag_options() if k != "preset"}
+    return resolve(preset, **options)
 
 
 def default_out(command: str, cfg: Any) -> Path:

@@ -5,11 +5,20 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from gradcent.cli import build_parser, main, parse_seeds, parse_sweep, resolve_config
+from gradcent.cli import (
+    build_parser,
+    main,
+    parse_seeds,
+    parse_sweep,
+    resolve_config,
+    sweep_options,
+)
+from gradcent.experiments.config import SWEEPABLE, RunConfig, flag_options
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +50,73 @@ def test_parse_sweep():
         "weight_decay=1e-4": {"weight_decay": 1e-4},
     }
     for bad in ("seed=1,2", "lr=", "lr=fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--sweep"):
+            parse_sweep(bad)
+
+
+# One value per flag, other than the default: given alone, it must reach the config.
+# A RunConfig field added with flag= and missing here fails the test below.
+FLAG_VALUES = {
+    "preset": ("table1", "table1"),
+    "dataset": ("mnist", "mnist"),
+    "data": ("/data/x", "/data/x"),
+    "fine_grained": (None, True),
+    "subset": ("50", 50),
+    "download": (None, True),
+    "context": ("64", 64),
+    "gpt_layers": ("2", 2),
+    "gpt_heads": ("2", 2),
+    "gpt_width": ("64", 64),
+    "image_size": ("128", 128),
+    "model": ("resnet20", "resnet20"),
+    "norm": ("gn", "gn"),
+    "ws": (None, True),
+    "pretrained": ("w.pt", "w.pt"),
+    "lr_pretrained": ("0.003", 0.003),
+    "optimizer": ("adam", "adam"),
+    "impl": ("native", "native"),
+    "lr": ("0.2", 0.2),
+    "momentum": ("0.5", 0.5),
+    "weight_decay": ("1e-4", 1e-4),
+    "epochs": ("2", 2),
+    "batch_size": ("16", 16),
+    "milestones": ("1,3", (1, 3)),
+    "gamma": ("0.5", 0.5),
+    "gc_mode": ("fc", "fc"),
+    "variants": ("baseline,gcc", ("baseline", "gcc")),
+    "seeds": ("3", (0, 1, 2)),
+    "sweep": ("gamma=0.2,0.3", {"gamma=0.2": {"gamma": 0.2}, "gamma=0.3": {"gamma": 0.3}}),
+    "device": ("auto", "auto"),
+    "workers": ("2", 2),
+    "threads": ("0", 0),
+    "quiet": (None, True),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "diagnose"])
+def test_every_config_field_is_a_flag_that_reaches_the_config_or_says_why_not(command):
+    assert list(FLAG_VALUES) == list(flag_options())
+    default = RunConfig()
+    for name, (text, value) in FLAG_VALUES.items():
+        argv = [command, f"--{name.replace('_', '-')}"] + ([text] if text is not None else [])
+        cfg = resolve_config(build_parser().parse_args(argv))
+        assert getattr(cfg, name) == value != getattr(default, name), name
+    for f in fields(RunConfig):
+        if f.name not in FLAG_VALUES:  # declared with no_flag=: the parser must not take it
+            assert len(f.metadata["no_flag"]) > 20, f.name
+            with pytest.raises(SystemExit):
+                build_parser().parse_args([command, f"--{f.name.replace('_', '-')}", "1"])
+
+
+def test_sweep_takes_every_sweepable_option_of_one_value_per_point():
+    # a tuple's commas cannot be told from the points': milestones are swept from Python
+    assert set(sweep_options()) == SWEEPABLE - {"milestones"}
+    assert parse_sweep("ws=false,True") == {"ws=false": {"ws": False}, "ws=True": {"ws": True}}
+    assert parse_sweep("batch-size=16,32") == {
+        "batch_size=16": {"batch_size": 16},
+        "batch_size=32": {"batch_size": 32},
+    }
+    for bad in ("ws=maybe", "milestones=2,3", "epochs=1.5"):
         with pytest.raises(argparse.ArgumentTypeError, match="--sweep"):
             parse_sweep(bad)
 
@@ -91,7 +167,10 @@ def test_options_resolve_into_the_config():
         (["compare", "--variants", "baseline,gx"], "Unknown variant: 'gx'"),
         (["compare", "--seeds", "many"], "invalid --seeds 'many'"),
         (["train", "--lr", "-1"], "Invalid learning rate: -1"),
-        (["train", "--epochs", "0"], "--epochs: invalid value '0'"),
+        (["train", "--epochs", "0"], "Invalid epochs: 0 (expected >= 1)"),
+        (["train", "--image-size", "16"], "Invalid image size: 16 (expected >= 32)"),
+        (["train", "--milestones", "3,2"], "Invalid milestones: [3, 2]"),
+        (["train", "--milestones", "two"], "invalid integer list 'two'"),
         (["train", "--device", "tpu"], "Invalid device: 'tpu'"),
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--impl", "turbo"], "--impl: invalid choice: 'turbo'"),

@@ -20,8 +20,8 @@ def test_image_size_option_reaches_the_detector():
     cfg = resolve_config(args)
     assert cfg.image_size == 64
     assert model_options(cfg, get_variant("gc"))["image_size"] == 64
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--image-size", "0"])
+    with pytest.raises(ValueError, match=r"Invalid image size: 0 \(expected >= 32\)"):
+        resolve_config(build_parser().parse_args(["train", "--image-size", "0"]))
 
 
 @pytest.mark.slow

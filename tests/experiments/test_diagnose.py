@@ -81,7 +81,7 @@ def test_grad_stats_records_the_centralized_gradient(data):
     gc = grad_stats(cfg, data, "gc", iterations=1)
     # recompute the first step's FC gradient by hand
     from gradcent.experiments.models import build_model
-    from gradcent.experiments.train import seed_everything
+    from gradcent.experiments.reproducibility import seed_everything
 
     seed_everything(0)
     model = build_model("smallcnn", 10, in_channels=1)

@@ -62,10 +62,16 @@ def test_command_line_of_a_preset_names_only_the_overrides():
     assert command_line(cfg.to_dict()) == (
         "gradcent compare --preset fmnist-table1 --data /data/fashion --seeds 3"
     )
-    cfg = resolve(None, seeds=(1, 4), milestones=(2,), epochs=3)
-    assert command_line(cfg.to_dict()) == (
-        "gradcent compare --epochs 3 --seeds 1,4  # also: milestones=(2,)"
+    cfg = resolve(None, seeds=(1, 4), milestones=(2,), epochs=3, quiet=True, workers=2)
+    assert command_line(cfg.to_dict()) == "gradcent compare --epochs 3 --milestones 2 --seeds 1,4"
+    # no flag switches determinism off; a preset's milestones are removed with ''
+    cfg = resolve(get_preset("fmnist-table3"), milestones=(), deterministic=False)
+    line = command_line(cfg.to_dict())
+    assert line == (
+        "gradcent compare --preset fmnist-table3 --milestones ''  # also: deterministic=False"
     )
+    again = resolve_config(build_parser().parse_args(shlex.split(line.split("#")[0])[1:]))
+    assert again == cfg.replace(deterministic=True)
 
 
 def test_report_errors_are_clean(tmp_path, capsys):

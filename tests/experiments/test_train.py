@@ -7,11 +7,11 @@ from torch import nn
 
 from gradcent.experiments.config import RunConfig, resolve
 from gradcent.experiments.datasets import build_dataset
+from gradcent.experiments.loaders import make_loader
 from gradcent.experiments.train import (
     CHECKPOINT,
     RESULT,
     evaluate,
-    make_loader,
     train_run,
     train_step,
 )

@@ -194,8 +194,10 @@ def run_compare(
     return Outcome(results, rows, table, plots, files)
 
 
-def _seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:
+def _seeds(seeds: int | Sequence[int] | None) -> tuple[int, ...] | None:
     """``5`` -> seeds 0..4; a sequence -> those seeds (the CLI's ``--seeds``)."""
+    if seeds is None:
+        return None
     if isinstance(seeds, int):
         if seeds < 1:
             raise ValueError(f"Invalid seeds: {seeds} (expected a count >= 1 or a list)")
@@ -209,11 +211,11 @@ def compare(
     test: Dataset | None = None,
     num_classes: int | None = None,
     *,
-    variants: Sequence[str] = ("baseline", "gc"),
-    seeds: int | Sequence[int] = 5,
-    epochs: int = 6,
-    optimizer: str = "sgd",
-    lr: float = 0.05,
+    variants: Sequence[str] | None = None,
+    seeds: int | Sequence[int] | None = None,
+    epochs: int | None = None,
+    optimizer: str | None = None,
+    lr: float | None = None,
     out: str | Path | None = None,
     dataset: str | None = None,
     data: str | None = None,
@@ -241,6 +243,8 @@ def compare(
         epochs: training epochs of every run.
         optimizer: ``sgd`` (SGDM), ``sgdw``, ``adam``, ``adamw`` or ``adagrad``.
         lr: learning rate.
+            These five, like every option left out (None), take
+            :class:`RunConfig`'s defaults: those of ``gradcent compare``.
         out: the comparison's folder (default ``runs/compare-python-<UTC time>``).
             Finished runs in it are reused (resume); the config records the
             datasets by their types only, so give other data a new ``out``.
@@ -290,7 +294,7 @@ def compare(
         model=model,
         dataset=dataset,
         data=data,
-        variants=tuple(variants),
+        variants=tuple(variants) if variants is not None else None,
         seeds=_seeds(seeds),
         epochs=epochs,
         optimizer=optimizer,

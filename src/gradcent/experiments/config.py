@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,65 @@ from gradcent.optim import IMPLS
 OPTIMIZERS = ("sgd", "sgdw", "adam", "adamw", "adagrad")
 DEVICES = ("cpu", "cuda", "auto")
 
+# What an option changes (the "role" of a RunConfig field):
+NUMBERS = "numbers"  # the numbers a run produces: a checkpoint's config must match
+PLAN = "plan"  # what a comparison runs and prints (variants, seeds, ...): may grow on resume
+LOGISTICS = "logistics"  # no result at all (log lines, worker processes, downloads)
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    flag: str | None = None,
+    no_flag: str | None = None,
+    role: str = NUMBERS,
+    sweep: bool = False,
+    choices: tuple[str, ...] | None = None,
+    default_factory: Any = MISSING,
+) -> Any:
+    """A :class:`RunConfig` field that also says how the CLI, sweeps and resumes treat it.
+
+    Every list of options (the ``gradcent`` flags, the sweepable options, the
+    options a checkpoint must match, a preset's options) is read from these
+    field declarations, so none can disagree with another.
+
+    Args:
+        default: the default value.
+        flag: the help text of its ``--option`` on ``train``, ``compare`` and
+            ``diagnose`` (the flag is the field name with ``-`` for ``_``).
+        no_flag: instead of ``flag``: why the command line does not set it.
+        role: :data:`NUMBERS`, :data:`PLAN` or :data:`LOGISTICS`.
+        sweep: a sweep point may change it.
+        choices: the values its flag accepts (argparse refuses others).
+        default_factory: for mutable defaults, instead of ``default``.
+
+    Returns:
+        A ``dataclasses.field`` carrying that metadata.
+
+    Raises:
+        TypeError: not exactly one of ``flag`` / ``no_flag``, or an unknown role.
+
+    References:
+        Python docs, ``dataclasses.field`` (``metadata``).
+
+    """
+    if (flag is None) == (no_flag is None):
+        raise TypeError("Give an option either flag= (its --help) or no_flag= (why it has none)")
+    if role not in (NUMBERS, PLAN, LOGISTICS):
+        raise TypeError(f"Invalid option role: {role!r}")
+    meta = {"flag": flag, "no_flag": no_flag, "role": role, "sweep": sweep, "choices": choices}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
 
 @dataclass
 class RunConfig:
     """Every option of a ``train`` or ``compare`` run.
 
     The defaults are the digits demo: a small conv net trained with SGD with
-    momentum (the paper's SGDM), baseline vs GC.
+    momentum (the paper's SGDM), baseline vs GC. Each field is declared with
+    :func:`option`: its ``--flag`` (or why it has none), its role (does it change
+    the numbers?) and whether a sweep may change it; the CLI, sweeps, resumes
+    and presets read those declarations.
 
     Attributes:
         preset: name of the preset the options were resolved from, if any.
@@ -75,41 +129,83 @@ class RunConfig:
 
     """
 
-    preset: str | None = None
-    dataset: str = "digits"
-    data: str | None = None
-    fine_grained: bool = False
-    subset: int | None = None
-    download: bool = False
-    context: int = 128
-    gpt_layers: int | None = None
-    gpt_heads: int | None = None
-    gpt_width: int | None = None
-    image_size: int | None = None
-    model: str = "smallcnn"
-    norm: str = "bn"
-    ws: bool = False
-    pretrained: str | None = None
-    lr_pretrained: float | None = None
-    optimizer: str = "sgd"
-    impl: str = "default"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int = 6
-    batch_size: int = 64
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    gc_mode: str = "all"
-    variants: tuple[str, ...] = ("baseline", "gc")
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    sweep: dict[str, dict[str, Any]] = field(default_factory=dict)
-    paper_table: str | None = None
-    device: str = "cpu"
-    workers: int = 0
-    threads: int = 1
-    deterministic: bool = True
-    quiet: bool = False
+    preset: str | None = option(None, flag="a paper protocol (see `gradcent presets`)", role=PLAN)
+    dataset: str = option(
+        "digits",
+        flag="digits (default), mnist, fashionmnist, text, cifar100, imagefolder, coco, "
+        "... or MODULE:FUNCTION",
+    )
+    data: str | None = option(
+        None, flag="dataset folder, or the text file (not for digits, which is bundled)"
+    )
+    fine_grained: bool = option(
+        False, flag="imagefolder: resize 512x512, centre crop 448 (the paper's §5.5)"
+    )
+    subset: int | None = option(None, flag="use only this many samples")
+    download: bool = option(
+        False,
+        flag="mnist / fashionmnist: let torchvision fetch missing files into --data",
+        role=LOGISTICS,
+    )
+    context: int = option(128, flag="text: characters per window (default 128)")
+    gpt_layers: int | None = option(None, flag="gpt: blocks (default 4)")
+    gpt_heads: int | None = option(None, flag="gpt: attention heads (default 4)")
+    gpt_width: int | None = option(None, flag="gpt: model width (default 128)")
+    image_size: int | None = option(
+        None, flag="detection models: resize target (default 800; small for CPU smoke runs)"
+    )
+    model: str = option(
+        "smallcnn", flag="smallcnn (default), resnet20, gpt, ... or MODULE:FUNCTION", sweep=True
+    )
+    norm: str = option("bn", flag="bn, gn or none", sweep=True)
+    ws: bool = option(False, flag="weight-standardised convs", sweep=True)
+    pretrained: str | None = option(
+        None, flag="weights to fine-tune from: a run's checkpoint.pt or a state_dict file"
+    )
+    lr_pretrained: float | None = option(
+        None, flag="fine-tuning: lr of the pre-trained layers (default: lr / 10)"
+    )
+    optimizer: str = option("sgd", flag=", ".join(OPTIMIZERS), sweep=True)
+    impl: str = option(
+        "default",
+        flag="the optimizer's impl= (other than default: GC inside the step, GC time not reported)",
+        choices=IMPLS,
+    )
+    lr: float = option(0.05, flag="learning rate", sweep=True)
+    momentum: float = option(0.9, flag="momentum (sgd, sgdw)", sweep=True)
+    weight_decay: float = option(5e-4, flag="weight decay", sweep=True)
+    epochs: int = option(6, flag="training epochs", sweep=True)
+    batch_size: int = option(64, flag="mini-batch size (all ranks together)", sweep=True)
+    milestones: tuple[int, ...] = option(
+        (), flag="epochs after which lr *= gamma, a comma list ('' for none)", sweep=True
+    )
+    gamma: float = option(0.1, flag="lr factor at each milestone (default 0.1)", sweep=True)
+    gc_mode: str = option("all", flag="GC mode of the gc variants: all, conv, fc", sweep=True)
+    variants: tuple[str, ...] = option(
+        ("baseline", "gc"), flag="comma list, e.g. baseline,gc,gcc", role=PLAN
+    )
+    seeds: tuple[int, ...] = option(
+        (0, 1, 2, 3, 4), flag="N (seeds 0..N-1) or a comma list", role=PLAN
+    )
+    sweep: dict[str, dict[str, Any]] = option(
+        default_factory=dict,
+        flag="compare at each value, e.g. lr=0.01,0.1 or weight-decay=0,1e-4",
+        role=PLAN,
+    )
+    paper_table: str | None = option(
+        None,
+        no_flag="comes with --preset: the paper's numbers belong to the preset's protocol",
+        role=PLAN,
+    )
+    device: str = option("cpu", flag=", ".join(DEVICES))
+    workers: int = option(0, flag="DataLoader workers", role=LOGISTICS)
+    threads: int = option(1, flag="torch CPU threads (0: torch default; 1 default)")
+    deterministic: bool = option(
+        True,
+        no_flag="always on from the command line, so that its results repeat; the Python "
+        "API may turn it off",
+    )
+    quiet: bool = option(False, flag="no per-epoch logs", role=LOGISTICS)
 
     def __post_init__(self) -> None:
         # JSON has no tuples: normalise so that from_json(to_json(c)) == c.
@@ -223,71 +319,100 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"Invalid sweep keys: {sorted(bad_sweep)} (allowed: {sorted(SWEEPABLE)})")
 
 
-# Options a sweep point may change: the ones that define one training run.
-SWEEPABLE = frozenset(
-    {
-        "lr",
-        "momentum",
-        "weight_decay",
-        "optimizer",
-        "epochs",
-        "batch_size",
-        "milestones",
-        "gamma",
-        "gc_mode",
-        "norm",
-        "ws",
-        "model",
-    }
-)
+def flag_options() -> dict[str, str]:
+    """The options the ``gradcent`` command sets, one ``--flag`` each, in field order.
 
-# Preset fields copied into a RunConfig (Preset.name becomes RunConfig.preset).
-_PRESET_FIELDS = (
-    "dataset",
-    "model",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "epochs",
-    "batch_size",
-    "milestones",
-    "gamma",
-    "gc_mode",
-    "variants",
-    "norm",
-    "ws",
-    "sweep",
-    "paper_table",
-    "lr_pretrained",
-    "fine_grained",
-    "subset",
-    "seeds",
-    "context",
-    "gpt_layers",
-    "gpt_heads",
-    "gpt_width",
-)
+    Returns:
+        ``{field name: its --help text}`` of the :class:`RunConfig` fields
+        declared with ``flag=``.
+
+    References:
+        Yong et al., ECCV 2020, §5 (what a run depends on).
+
+    """
+    return {f.name: f.metadata["flag"] for f in fields(RunConfig) if f.metadata["flag"]}
+
+
+def options_with_role(role: str) -> tuple[str, ...]:
+    """The options of one role (:data:`NUMBERS`, :data:`PLAN` or :data:`LOGISTICS`).
+
+    Args:
+        role: the role.
+
+    Returns:
+        Field names of :class:`RunConfig`, in field order.
+
+    References:
+        Yong et al., ECCV 2020, §5 (what a run depends on).
+
+    """
+    return tuple(f.name for f in fields(RunConfig) if f.metadata["role"] == role)
+
+
+def option_type(name: str) -> Any:
+    """The type of an option, without its ``| None`` (``int | None`` -> ``int``).
+
+    Args:
+        name: a :class:`RunConfig` field.
+
+    Returns:
+        ``int``, ``float``, ``str``, ``bool`` or a parameterised ``tuple`` / ``dict``.
+
+    Raises:
+        KeyError: ``name`` is not an option.
+
+    References:
+        Python docs, ``typing.get_type_hints``.
+
+    """
+    hint = typing.get_type_hints(RunConfig)[name]
+    if isinstance(hint, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def option_choices(name: str) -> tuple[str, ...] | None:
+    """The values the flag of an option accepts (None: any; ``config.validate`` checks).
+
+    Args:
+        name: a :class:`RunConfig` field.
+
+    Returns:
+        The ``choices=`` of its declaration.
+
+    Raises:
+        KeyError: ``name`` is not an option.
+
+    References:
+        Python docs, ``argparse`` (``choices``).
+
+    """
+    return {f.name: f.metadata["choices"] for f in fields(RunConfig)}[name]
+
+
+# Options a sweep point may change: the ones declared sweep=True (all of them NUMBERS).
+SWEEPABLE = frozenset(f.name for f in fields(RunConfig) if f.metadata["sweep"])
 
 
 def from_preset(preset: Any) -> dict[str, Any]:
     """The RunConfig options a preset sets (duck-typed on ``presets.Preset``).
 
     Args:
-        preset: an object with the :data:`_PRESET_FIELDS` attributes and ``name``.
+        preset: an object with a ``name`` and, as attributes, any RunConfig
+            options; one that is None (or missing) keeps the config's default.
 
     Returns:
         A dict of options, including ``preset=preset.name``.
 
+    References:
+        Yong et al., ECCV 2020, §5 (the hyper-parameters the presets carry).
+
     """
     opts: dict[str, Any] = {"preset": preset.name}
-    for name in _PRESET_FIELDS:
-        if hasattr(preset, name):
-            value = getattr(preset, name)
-            if value is not None or name in ("paper_table", "lr_pretrained"):
-                opts[name] = value
-    if opts.get("sweep") is None:
-        opts["sweep"] = {}
+    for f in fields(RunConfig):
+        value = getattr(preset, f.name, None) if f.name != "preset" else None
+        if value is not None:
+            opts[f.name] = value
     return opts
 
 

@@ -25,9 +25,12 @@ from torch import nn
 
 from gradcent.core import centralize
 from gradcent.experiments.config import RunConfig
+from gradcent.experiments.devices import resolve_device
+from gradcent.experiments.loaders import make_loader
 from gradcent.experiments.plots import plot_grad_stats, plot_unit_means
+from gradcent.experiments.reproducibility import reproducible, seed_everything
 from gradcent.experiments.runfiles import load_torch_file
-from gradcent.experiments.train import make_loader, reproducible, resolve_device, seed_everything
+from gradcent.experiments.train import train_step
 from gradcent.experiments.variants import build_optimizer, get_variant, model_options
 
 
@@ -168,8 +171,6 @@ def grad_stats(
         Yong et al., ECCV 2020, Fig. 4 and Theorem 4.2.
 
     """
-    from gradcent.experiments.train import train_step
-
     v = get_variant(variant)
     device = resolve_device(cfg.device)
     model = _model(cfg, data, seed, variant).to(device)

@@ -22,11 +22,6 @@ from collections.abc import Callable
 _REGISTERED: dict[str, Callable] = {}
 
 
-def is_plugin(name: str) -> bool:
-    """Whether ``name`` has the ``MODULE:FUNCTION`` form."""
-    return ":" in name
-
-
 def register(fn: Callable, kind: str) -> str:
     """Make ``fn`` loadable by name and return that name (``module:qualname``).
 

@@ -364,52 +364,23 @@ def write_results(
     return json_path, csv_path
 
 
-# RunConfig options the command line sets, in the order `gradcent compare` shows them.
-_CLI_OPTIONS = (
-    "dataset",
-    "data",
-    "download",
-    "model",
-    "context",
-    "gpt_layers",
-    "gpt_heads",
-    "gpt_width",
-    "norm",
-    "ws",
-    "pretrained",
-    "optimizer",
-    "impl",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "subset",
-    "image_size",
-    "gc_mode",
-    "variants",
-    "seeds",
-    "sweep",
-    "device",
-    "threads",
-)
-# Options that change no number (a log or the worker count) are left out.
-_SILENT = ("preset", "quiet", "workers")
-
-
 def _flag_value(name: str, value: Any) -> str | None:
     """The command-line text of one option's value (None: not expressible)."""
+    if value is None:
+        return None  # an unset option has no flag spelling
     if name == "seeds":
         seeds = list(value)
         return str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
-    if name == "variants":
-        return ",".join(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
     if name == "sweep":
         keys = {k for point in value.values() for k in point}
         if len(keys) != 1:
             return None
         key = keys.pop()
         values = [point[key] for point in value.values()]
+        if not all(isinstance(v, (bool, int, float, str)) for v in values):
+            return None  # --sweep spells one number, word or boolean per point
         if list(value) != [f"{key}={v}" for v in values]:
             return None  # named points (a preset's) have no --sweep spelling
         return f"{key.replace('_', '-')}={','.join(str(v) for v in values)}"
@@ -420,8 +391,10 @@ def command_line(config: dict[str, Any], command: str = "compare") -> str:
     """The ``gradcent`` command that reproduces a run folder's config.
 
     ``--preset`` when the config came from one, then every option that differs
-    from the preset's (or the defaults'); options with no command-line flag
-    (a preset's milestones, say) are appended as a ``# also: ...`` comment.
+    from the preset's (or the defaults'), except those that change no result
+    (``config.LOGISTICS``: ``--quiet``, ``--workers``, ``--download``); values
+    with no command-line spelling (``deterministic``, a sweep of named points)
+    are appended as a ``# also: ...`` comment.
 
     Args:
         config: ``RunConfig.to_dict()`` as stored in ``results.json``.
@@ -436,7 +409,7 @@ def command_line(config: dict[str, Any], command: str = "compare") -> str:
     """
     from dataclasses import fields
 
-    from gradcent.experiments.config import resolve
+    from gradcent.experiments.config import LOGISTICS, flag_options, options_with_role, resolve
     from gradcent.experiments.presets import PRESETS
 
     cfg = RunConfig.from_dict(config)
@@ -444,12 +417,14 @@ def command_line(config: dict[str, Any], command: str = "compare") -> str:
     base = resolve(preset)
     words = ["gradcent", command] + (["--preset", cfg.preset] if preset else [])
     extra = []
+    silent = {"preset", *options_with_role(LOGISTICS)}  # --preset is written above
+    flags = flag_options()
     for f in fields(RunConfig):
         name = f.name
         value, default = getattr(cfg, name), getattr(base, name)
-        if name in _SILENT or value == default:
+        if name in silent or value == default:
             continue
-        text = _flag_value(name, value) if name in _CLI_OPTIONS else None
+        text = _flag_value(name, value) if name in flags else None
         if isinstance(value, bool) and text is not None:
             if value:
                 words.append(f"--{name.replace('_', '-')}")

@@ -2,7 +2,11 @@
 
 :func:`train_run` is the whole loop in one readable function; the per-step work
 is :func:`train_step` so that a distributed wrapper (a sampler per rank,
-DDP / FSDP) changes only :func:`make_loader` and the model it is given.
+DDP / FSDP) changes only the loader's sampler and the model it is given.
+Seeding and determinism live in :mod:`~gradcent.experiments.reproducibility`,
+the device in :mod:`~gradcent.experiments.devices`, the loaders in
+:mod:`~gradcent.experiments.loaders` and COCO scoring in
+:mod:`~gradcent.experiments.coco`.
 
 Reproducibility: the model is built right after seeding torch, numpy and
 python's ``random``; each epoch's shuffle comes from its own generator seeded by
@@ -22,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,10 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from gradcent.experiments import distributed_run
-from gradcent.experiments.config import RunConfig
+from gradcent.experiments.coco import coco_bbox_ap
+from gradcent.experiments.config import NUMBERS, RunConfig, options_with_role
+from gradcent.experiments.devices import resolve_device, to_device
+from gradcent.experiments.loaders import make_loader
+from gradcent.experiments.reproducibility import epoch_seed, reproducible, seed_everything
 from gradcent.experiments.runfiles import (
     RunFileError,
     load_torch_file,
@@ -53,96 +60,8 @@ from gradcent.experiments.variants import (
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-# Options that do not change the numbers a run produces (may differ on resume).
-_NON_NUMERIC = (
-    "quiet",
-    "workers",
-    "variants",
-    "seeds",
-    "sweep",
-    "preset",
-    "paper_table",
-    "download",
-)
 
 Log = Callable[[str], None]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` means CUDA when available, else CPU.
-
-    Raises:
-        ValueError: ``"cuda"`` asked for but not available.
-
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("Invalid device: 'cuda' (torch reports no CUDA device; use cpu or auto)")
-    return torch.device(name)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # A fixed function of (seed, epoch): a resumed run reshuffles identically
-    # without storing the loader's generator.
-    return (seed * 1_000_003 + epoch * 7_919) % 2**63
-
-
-def _seed_worker(worker_id: int) -> None:
-    # DataLoader seeds torch in each worker from its generator; numpy and random
-    # follow, so augmentations that use them are reproducible too.
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    epoch: int = 0,
-    workers: int = 0,
-    collate_fn: Any = None,
-    sampler: Any = None,
-) -> DataLoader:
-    """A DataLoader whose order depends only on ``(seed, epoch)``.
-
-    Args:
-        dataset: the data.
-        batch_size: mini-batch size.
-        shuffle: reshuffle (training) or keep the order (evaluation).
-        seed: the run's seed; with ``epoch`` it fixes the shuffle.
-        epoch: the epoch (0-based).
-        workers: worker processes.
-        collate_fn: batch collation (detection batches are lists).
-        sampler: picks the samples and their order (shuffling is then its job); the
-            training loop passes ``DistRun.sampler``, at any world size.
-
-    Returns:
-        The loader.
-
-    """
-    g = torch.Generator()
-    g.manual_seed(_epoch_seed(seed, epoch))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        generator=g,
-        num_workers=workers,
-        worker_init_fn=_seed_worker if workers else None,
-        collate_fn=collate_fn,
-    )
 
 
 class GCTimer:
@@ -202,18 +121,6 @@ def format_gc_time(seconds: float) -> str:
     return "n/a (in the step)" if math.isnan(seconds) else f"{seconds:.3f}s"
 
 
-def _to(batch: Any, device: torch.device) -> Any:
-    """Move tensors (possibly nested in lists, tuples, dicts) to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [_to(v, device) for v in batch]
-        return moved if isinstance(batch, list) else tuple(moved)
-    return batch
-
-
 def train_step(
     model: nn.Module,
     batch: Any,
@@ -238,7 +145,7 @@ def train_step(
         returns 0 correct (it reports bits per character instead).
 
     """
-    inputs, targets = _to(batch[0], device), _to(batch[1], device)
+    inputs, targets = to_device(batch[0], device), to_device(batch[1], device)
     optimizer.zero_grad(set_to_none=True)
     if task == "detection":
         loss = sum(model(list(inputs), list(targets)).values())
@@ -303,7 +210,7 @@ def evaluate(
     model.eval()
     total, correct, n = 0.0, 0, 0
     for batch in loader:
-        inputs, targets = _to(batch[0], device), _to(batch[1], device)
+        inputs, targets = to_device(batch[0], device), to_device(batch[1], device)
         logits = model(inputs)
         total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
         correct += int((logits.argmax(1) == targets).sum())
@@ -316,22 +223,12 @@ def _evaluate_lm(model: nn.Module, loader: DataLoader, device: torch.device) -> 
     model.eval()
     total, n = 0.0, 0
     for batch in loader:
-        inputs, targets = _to(batch[0], device), _to(batch[1], device)
+        inputs, targets = to_device(batch[0], device), to_device(batch[1], device)
         logits = model(inputs).flatten(0, 1)
         total += float(nn.functional.cross_entropy(logits, targets.flatten(), reduction="sum"))
         n += targets.numel()
     loss = total / n
     return {"test_loss": loss, "test_acc": math.nan, "test_bpc": loss / math.log(2)}
-
-
-def _coco_api(dataset: Dataset) -> Any:
-    """The pycocotools COCO object behind a (possibly Subset-wrapped) dataset."""
-    while dataset is not None:
-        coco = getattr(dataset, "coco", None)
-        if coco is not None and hasattr(coco, "loadRes"):
-            return coco
-        dataset = getattr(dataset, "dataset", None)
-    return None
 
 
 def _evaluate_detection(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
@@ -344,54 +241,16 @@ def _evaluate_detection(model: nn.Module, loader: DataLoader, device: torch.devi
             m.eval()
     total, n = 0.0, 0
     for images, targets in loader:
-        images, targets = _to(list(images), device), _to(list(targets), device)
+        images, targets = to_device(list(images), device), to_device(list(targets), device)
         total += float(sum(model(images, targets).values())) * len(images)
         n += len(images)
-    out = {"test_loss": total / n, "test_acc": math.nan, "test_ap": _coco_ap(model, loader, device)}
+    out = {
+        "test_loss": total / n,
+        "test_acc": math.nan,
+        "test_ap": coco_bbox_ap(model, loader, device),
+    }
     model.train()
     return out
-
-
-def _coco_ap(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Bbox AP@[.5:.95] with pycocotools' COCOeval; NaN without pycocotools or COCO."""
-    coco = _coco_api(loader.dataset)
-    try:
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        return math.nan
-    if coco is None:
-        return math.nan
-    model.eval()
-    dets, ids = [], []
-    for images, targets in loader:
-        outputs = model(_to(list(images), device))
-        for out, tgt in zip(outputs, targets, strict=True):
-            image_id = int(tgt["image_id"])
-            if image_id < 0:  # an image without annotations has no COCO id to score
-                continue
-            ids.append(image_id)
-            boxes = out["boxes"].cpu()
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-            for box, score, label in zip(
-                xywh, out["scores"].tolist(), out["labels"].tolist(), strict=True
-            ):
-                dets.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": int(label),
-                        "bbox": box,
-                        "score": float(score),
-                    }
-                )
-    if not dets:
-        return 0.0
-    with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - COCOeval prints
-        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
-        ev.params.imgIds = sorted(set(ids))
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[0]) * 100.0
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -409,11 +268,21 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 
 def numeric_config(cfg: RunConfig) -> dict[str, Any]:
-    """The options that change a run's numbers (a checkpoint must match them)."""
-    d = cfg.to_dict()
-    for k in _NON_NUMERIC:
-        d.pop(k, None)
-    return d
+    """The options that change a run's numbers (a checkpoint must match them).
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        ``cfg.to_dict()`` without the options of another role than
+        ``config.NUMBERS`` (those may differ on resume).
+
+    References:
+        Yong et al., ECCV 2020, §5 (what a run depends on).
+
+    """
+    numbers = options_with_role(NUMBERS)
+    return {k: v for k, v in cfg.to_dict().items() if k in numbers}
 
 
 # What train_run writes: a checkpoint may carry more fields (plain values or
@@ -578,38 +447,6 @@ def _build(cfg: RunConfig, variant: Variant, seed: int, data: Any, device: torch
     return model, optimizer, scheduler, GCTimer(gc, device, in_step=cfg.impl != "default")
 
 
-@contextlib.contextmanager
-def reproducible(enabled: bool, threads: int = 0):
-    """Deterministic algorithms and a fixed CPU thread count, restored afterwards.
-
-    Args:
-        enabled: turn on ``torch.use_deterministic_algorithms`` (warn-only).
-        threads: torch CPU threads inside the block (0: leave as is).
-
-    References:
-        PyTorch notes on reproducibility (``use_deterministic_algorithms``).
-
-    """
-    prev, prev_warn = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    prev_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    if enabled:
-        # cuBLAS needs this workspace setting to be deterministic (set before use).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: ops without a deterministic kernel (some CUDA ones) warn
-        # instead of failing; on CPU every op used here is deterministic.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-        torch.set_num_threads(prev_threads)
-
-
 def train_run(
     cfg: RunConfig,
     variant: str,
@@ -693,7 +530,7 @@ def train_run(
         )
         last = cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)
         for epoch in range(start, last):
-            sampler = ranks.sampler(data.train, shuffle=True, seed=_epoch_seed(seed, epoch))
+            sampler = ranks.sampler(data.train, shuffle=True, seed=epoch_seed(seed, epoch))
             loader = make_loader(
                 data.train,
                 batch,
