@@ -222,4 +222,4 @@ def _blocks(kind, optimizer, group, p, g, states, step, alpha, wd, first) -> Non
         _kernel(kind, optimizer, group, [pb], [ghat], [sb], step, wd, first)
 
 
-register("blocked", blocked_step, group_step=blocked_group)
+register("blocked", blocked_step)

@@ -14,7 +14,7 @@ Here live what they share: the names and option checks, the kernel-kind lookup,
 the state initialisation and the decay terms (the split of ``weight_decay`` into
 coupled L2 folded into ĝ and the decoupled shrink). An implementation registers
 its step with :func:`register` when it is imported; the parameters the native
-kernel hands back are routed by :func:`step_leftovers` to :data:`LEFTOVERS`.
+kernel hands back take the default path's step (:func:`step_leftovers`).
 
 References:
     Yong et al., ECCV 2020, Algorithms 1-2 and §3.4 (ĝ = P(g + λw)).
@@ -32,9 +32,6 @@ from torch import Tensor
 from gradcent.core import centralize_, is_dtensor
 
 IMPLS = ("default", "fused", "blocked", "native")
-# Who steps the parameters the native kernel does not take (other dtypes,
-# devices, layouts): GC in place, then torch's fused kernel.
-LEFTOVERS = "blocked"
 # Torch options each non-default impl does not implement (they must be off).
 _UNSUPPORTED: dict[str, tuple[str, ...]] = {
     "fused": ("fused", "capturable", "differentiable"),
@@ -70,7 +67,6 @@ FUSED_MIN_TORCH = (2, 13)
 
 class _Impl(NamedTuple):
     step: Callable[[torch.optim.Optimizer], None]
-    group_step: Callable[..., None] | None
     centralize_many: Callable[[Sequence[tuple[Tensor, Any]]], list] | None
     prepare: Callable[[], object] | None
 
@@ -82,7 +78,6 @@ def register(
     impl: str,
     step: Callable[[torch.optim.Optimizer], None],
     *,
-    group_step: Callable[..., None] | None = None,
     centralize_many: Callable[[Sequence[tuple[Tensor, Any]]], list] | None = None,
     prepare: Callable[[], object] | None = None,
 ) -> None:
@@ -91,14 +86,12 @@ def register(
     Args:
         impl: one of :data:`IMPLS` other than ``"default"``.
         step: the whole GC + update step of an optimizer.
-        group_step: ``(optimizer, kind, group, params)``: the step of some of a
-            group's parameters (what :func:`step_leftovers` calls).
         centralize_many: centres a list of (gradient, spec) in one call and
             returns the pairs it did not take (``centralize_grads()``'s pass).
         prepare: called at construction (the native kernel builds there).
 
     """
-    _REGISTERED[check_impl(impl)] = _Impl(step, group_step, centralize_many, prepare)
+    _REGISTERED[check_impl(impl)] = _Impl(step, centralize_many, prepare)
 
 
 def _entry(impl: str) -> _Impl:
@@ -119,10 +112,46 @@ def step(optimizer: torch.optim.Optimizer) -> None:
 
 
 def step_leftovers(
-    optimizer: torch.optim.Optimizer, kind: str, group: dict[str, Any], params: list[Tensor]
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor]
 ) -> None:
-    """Step the parameters an impl's kernel handed back, with :data:`LEFTOVERS`'s path."""
-    _entry(LEFTOVERS).group_step(optimizer, kind, group, params)
+    """Step the parameters an impl's kernel handed back exactly as ``impl="default"`` does.
+
+    The default path's own code on a view of the optimizer that holds one
+    group, ``params`` with ``group``'s options: GC in place on their gradients
+    with coupled decay folded (g' = P(g + αw) − αw, α = ±λ, so torch's own
+    + λw gives ĝ = P(g + λw)), then the optimizer's torch step on them alone
+    (SGDW's shrink and AdamW's decoupled decay included). Results and state
+    layout are the default path's. No ``gc_timer`` is entered: GC is part of
+    the calling impl's step.
+
+    Args:
+        optimizer: a gradcent SGD/SGDW/Adam/AdamW whose impl's kernel did not
+            take ``params`` (other dtypes, devices or layouts).
+        group: the param group ``params`` belong to, for its options.
+        params: parameters of ``group`` that have a gradient.
+
+    Raises:
+        ValueError: for a sparse gradient or a DTensor parameter.
+
+    References:
+        Yong et al., ECCV 2020, Algorithms 1-2 and §3.4 (ĝ = P(g + λw)).
+
+    """
+    for p in params:
+        check_param(p, optimizer.impl)
+        if group.get("fused") and p.grad.stride() != p.stride():
+            # torch's fused kernels walk raw memory: a gradient laid out unlike its
+            # parameter (channels_last grad, contiguous weight) would update the
+            # wrong elements (torch 2.14's CPU SGD/Adam fused=True). Same values,
+            # in p's layout.
+            p.grad = torch.empty_like(p).copy_(p.grad)
+    saved = optimizer.param_groups
+    optimizer.param_groups = [{**group, "params": list(params)}]
+    try:
+        optimizer._gc.before_untimed(optimizer)
+        optimizer._torch_step()
+    finally:
+        optimizer.param_groups = saved
 
 
 def centralize_all_(todo: list[tuple[Tensor, Any]], impl: str = "default") -> None:
