@@ -17,7 +17,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from gradcent.optim import SGD, SGDW, Adam, AdamW
-from gradcent.optim._compiled import _adam_one, _sgd_one, fused_step
+from gradcent.optim._compiled import _adam_one, _sgd_one
 from gradcent.optim._impl import check_impl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,10 +150,6 @@ def test_invalid_impl_and_options():
         Adam(p, impl="fused", fused=True)
     with pytest.raises(ValueError, match="differentiable=True"):
         SGD(p, lr=0.1, impl="fused", differentiable=True)
-    with pytest.raises(ValueError, match="Invalid strategy"):
-        opt = SGD(p, lr=0.1, impl="fused")
-        p[0].grad = torch.ones(3, 3)
-        fused_step(opt, strategy="magic")
     assert SGD(p, lr=0.1).impl == "default"
 
 

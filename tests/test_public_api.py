@@ -1,8 +1,8 @@
 """The harness, the CLI and the benchmarks use gradcent's public API only.
 
-``opt.plan``, ``opt.gc_timer`` / ``handle.gc_timer``, ``opt.centralize_grads()``,
-``opt.fused_strategy`` and ``gradcent.optim.IMPLS`` are what they need; the
-Centralizer and the impl modules of ``gradcent.optim`` may change freely.
+``opt.plan``, ``opt.gc_timer`` / ``handle.gc_timer``, ``opt.centralize_grads()``
+and ``gradcent.optim.IMPLS`` are what they need; the Centralizer and the impl
+modules of ``gradcent.optim`` may change freely.
 """
 
 from __future__ import annotations
@@ -127,12 +127,3 @@ def test_plan_is_public_on_the_optimizer():
     opt = gradcent.Adam(net.parameters(), model=net)
     assert opt.plan.spec(net.weight).dims == (1,)
     assert opt.plan.spec(net.bias) is None
-
-
-def test_fused_strategy_is_checked_and_kept():
-    opt = gradcent.SGD([nn.Parameter(torch.randn(3, 4))], lr=0.1)
-    assert opt.fused_strategy == "per_param"
-    opt.fused_strategy = "foreach"
-    assert opt.fused_strategy == "foreach"
-    with pytest.raises(ValueError, match="Invalid fused_strategy: 'magic'"):
-        opt.fused_strategy = "magic"

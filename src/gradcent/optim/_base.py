@@ -146,25 +146,6 @@ class GCMixin:
         self._gc.timer = timer  # validated there
 
     @property
-    def fused_strategy(self) -> str:
-        """How ``impl="fused"`` launches its kernels: ``"per_param"`` or ``"foreach"``.
-
-        ``"per_param"`` (the default) makes one compiled call per parameter on a
-        few small graphs shared by all shapes; ``"foreach"`` one call per group,
-        one graph per parameter set (docs/BENCHMARKS.md compares them). Other
-        impls ignore it.
-        """
-        return self.defaults.get("fused_strategy", "per_param")
-
-    @fused_strategy.setter
-    def fused_strategy(self, strategy: str) -> None:
-        if strategy not in ("per_param", "foreach"):
-            raise ValueError(
-                f"Invalid fused_strategy: {strategy!r} (expected 'per_param' or 'foreach')"
-            )
-        self.defaults["fused_strategy"] = strategy
-
-    @property
     def impl(self) -> str:
         """``"default"``, ``"fused"``, ``"blocked"`` or ``"native"``: how :meth:`step` runs."""
         return self.defaults.get("impl", "default")
