@@ -19,7 +19,7 @@ import gradcent
 import gradcent.optim
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIVATE = re.compile(r"\._gc\b|\b_(engine|fused|blocked|native|centralizer|compiled|impl)\b")
+PRIVATE = re.compile(r"\._gc\b|\b_(engine|fused|native|centralizer|compiled|impl)\b")
 
 
 def private_uses(paths: list[Path]) -> list[str]:
@@ -66,7 +66,7 @@ def test_cli_impl_choices_are_the_optimizers():
 
     found = impl_choices(build_parser())
     assert found and set(found) == {gradcent.optim.IMPLS}
-    assert gradcent.optim.IMPLS == ("default", "fused", "blocked", "native")
+    assert gradcent.optim.IMPLS == ("default", "fused", "native")
 
 
 def _counting_timer():

@@ -143,8 +143,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--impl",
         choices=IMPLS,
-        help="the optimizer's impl= (default; fused, blocked, native: GC inside the "
-        "step, GC time not reported)",
+        help="the optimizer's impl= (default; fused, native: GC inside the step, "
+        "GC time not reported)",
     )
     p.add_argument("--gc-mode", help="GC mode of the gc variants: all, conv, fc")
     p.add_argument(

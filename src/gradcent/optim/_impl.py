@@ -7,7 +7,6 @@ is a leaf that imports only this module (and core/rules), never another one:
 
 * ``"default"``: :mod:`._centralizer` (a GC pass, then torch's own step);
 * ``"fused"``: :mod:`._compiled` (GC and update in one ``torch.compile`` kernel);
-* ``"blocked"``: :mod:`._blocked` (GC and torch's fused kernel, block by block);
 * ``"native"``: :mod:`._native` (GC and update in one C++ pass on CPU).
 
 Here live what they share: the names and option checks, the kernel-kind lookup,
@@ -31,11 +30,10 @@ from torch import Tensor
 
 from gradcent.core import centralize_, is_dtensor
 
-IMPLS = ("default", "fused", "blocked", "native")
+IMPLS = ("default", "fused", "native")
 # Torch options each non-default impl does not implement (they must be off).
 _UNSUPPORTED: dict[str, tuple[str, ...]] = {
     "fused": ("fused", "capturable", "differentiable"),
-    "blocked": ("capturable", "differentiable"),
     "native": ("capturable", "differentiable"),
 }
 
@@ -175,9 +173,8 @@ def check_impl(impl: object) -> str:
 
     Args:
         impl: ``"default"`` (GC pass, then torch's step: the ground truth),
-            ``"fused"`` (GC and update in one compiled kernel), ``"blocked"``
-            (GC then torch's fused kernel, block by block: :mod:`._blocked`) or
-            ``"native"`` (GC and update in one hand-written C++ pass on CPU:
+            ``"fused"`` (GC and update in one compiled kernel: :mod:`._compiled`)
+            or ``"native"`` (GC and update in one hand-written C++ pass on CPU:
             :mod:`._native`).
 
     Returns:
@@ -198,7 +195,7 @@ def check_impl_options(optimizer: torch.optim.Optimizer, impl: str) -> None:
 
     Args:
         optimizer: a gradcent SGD, SGDW, Adam or AdamW.
-        impl: ``"fused"``, ``"blocked"`` or ``"native"``.
+        impl: ``"fused"`` or ``"native"``.
 
     Raises:
         ValueError: an optimizer the impl has no kernel for, an option it does
@@ -218,7 +215,7 @@ def check_options(
 
     Args:
         optimizer: a gradcent SGD, SGDW, Adam or AdamW.
-        impl: ``"fused"``, ``"blocked"`` or ``"native"``, for the message.
+        impl: ``"fused"`` or ``"native"``, for the message.
         unsupported: group options that must be off (``"capturable"``, ...).
 
     Raises:
@@ -239,7 +236,7 @@ def check_params(optimizer: torch.optim.Optimizer, impl: str, params: list[Tenso
 
     Complex parameters (the kernels are real-valued; ``impl="default"`` centres
     each unit over its complex entries, real and imaginary parts together) and,
-    for ``"blocked"`` / ``"native"``, DTensor (FSDP2) parameters.
+    for ``"native"``, DTensor (FSDP2) parameters.
 
     Raises:
         ValueError: naming the parameter, its type and what to use instead.
@@ -295,7 +292,7 @@ def kernel_kind(optimizer: torch.optim.Optimizer, impl: str = "fused") -> str:
 
 
 def check_step(optimizer: torch.optim.Optimizer) -> str:
-    """The kernel kind of a blocked/native step; rejects GradScaler's fused-step scaling."""
+    """The kernel kind of a native step; rejects GradScaler's fused-step scaling."""
     impl = optimizer.impl
     if getattr(optimizer, "grad_scale", None) is not None:
         raise ValueError(f"impl={impl!r} does not take GradScaler's grad_scale; use 'default'")
@@ -415,8 +412,8 @@ def fused_state(
 ) -> tuple[list[Tensor], bool]:
     """Torch's fused state of ``p`` (made if missing), and whether SGD's buffer is new.
 
-    ``step`` is a float32 tensor on the parameter's device (``impl="blocked"``
-    and ``"native"``), so state dicts move freely between impls.
+    ``step`` is a float32 tensor on the parameter's device (``impl="native"``),
+    so state dicts move freely between impls.
     """
     if kind == "sgd" and not group["momentum"]:
         return [], False  # no state at all, as torch's SGD (reading it would add {})

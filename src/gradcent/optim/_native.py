@@ -184,8 +184,8 @@ def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
 
 
 # Inside a compiled train step Dynamo graph-breaks here and runs the step eagerly:
-# the kernels (torch's fused ones on views, the C++ one) have no fake tensor rule,
-# and the eager step is the result a compiled step must give (docs/TRAINING_LOOPS.md).
+# the C++ kernel has no fake tensor rule, and the eager step is the result a
+# compiled step must give (docs/TRAINING_LOOPS.md).
 @torch.compiler.disable
 @torch.no_grad()
 def native_step(optimizer: torch.optim.Optimizer) -> None:
