@@ -16,7 +16,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 IMPL_MODULES = {
     "gradcent.optim._centralizer",
     "gradcent.optim._compiled",
-    "gradcent.optim._blocked",
     "gradcent.optim._native",
 }
 
@@ -93,25 +92,23 @@ def test_checks_fail_on_a_cycle_and_on_an_impl_importing_another(tmp_path):
     pkg.mkdir(parents=True)
     (tmp_path / "gradcent" / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "_compiled.py").write_text("def f():\n    from gradcent.optim import _blocked\n")
-    (pkg / "_blocked.py").write_text("from ._compiled import f\n")
+    (pkg / "_compiled.py").write_text("def f():\n    from gradcent.optim import _native\n")
+    (pkg / "_native.py").write_text("from ._compiled import f\n")
     graph = import_graph(tmp_path)
     assert find_cycle(graph) == [
-        "gradcent.optim._blocked",
         "gradcent.optim._compiled",
-        "gradcent.optim._blocked",
+        "gradcent.optim._native",
+        "gradcent.optim._compiled",
     ]
-    assert graph["gradcent.optim._compiled"] & IMPL_MODULES == {"gradcent.optim._blocked"}
+    assert graph["gradcent.optim._compiled"] & IMPL_MODULES == {"gradcent.optim._native"}
 
 
 def test_every_impl_is_registered_with_the_chooser():
     import gradcent.optim
     from gradcent.optim import _impl
 
-    assert gradcent.optim.IMPLS == ("default", "fused", "blocked", "native")
+    assert gradcent.optim.IMPLS == ("default", "fused", "native")
     assert set(_impl._REGISTERED) == set(gradcent.optim.IMPLS) - {"default"}
-    # the parameters the native kernel hands back go where the chooser says
-    assert _impl._REGISTERED[_impl.LEFTOVERS].group_step is not None
 
 
 def test_dead_code_named_by_issue_15_stays_gone():

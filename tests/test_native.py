@@ -1,11 +1,12 @@
-"""impl="native": the C++ kernel's layout rules, threads, fallbacks, GC pass and build.
+"""impl="native": the C++ kernel's layout rules, threads, leftovers, GC pass and build.
 
-Agreement with impl="default" for every optimizer option and GC mode is in
-tests/test_blocked.py (parametrized over both fast paths).
+Agreement with impl="default" for every optimizer option and GC mode, and what
+every fast impl shares, is in tests/test_impls.py (one ``impl`` axis).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -67,22 +68,22 @@ def test_kernel_takes_or_hands_back(make, rows, taken):
         assert torch.equal(t, before)  # handed back untouched
 
 
-@pytest.mark.parametrize("fast", ["native", "blocked"])
-def test_grad_laid_out_unlike_its_param(fast):
-    # The kernel hands it back; the blocked path steps on a copy in the weight's
-    # layout (torch's own fused SGD/Adam on CPU update the wrong elements here).
+def test_leftover_grad_laid_out_unlike_its_param_with_torchs_fused_kernel():
+    # The kernel hands it back to the default path's step; with fused=True that
+    # step runs on a copy in the weight's layout (torch's own fused SGD on CPU
+    # updates the wrong elements here), so it equals a contiguous gradient's.
     def run(impl, layout):
         torch.manual_seed(0)
         p = nn.Parameter(torch.randn(6, 4, 3, 3))
-        opt = gradcent.SGD([p], lr=0.1, momentum=0.9, dampening=0.5, impl=impl)
+        kw = {"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.1}
+        opt = gradcent.SGD([p], impl=impl, fused=True, **kw)
         for _ in range(3):
             p.grad = torch.randn(6, 4, 3, 3).to(memory_format=layout)
             opt.step()
         return p
 
     want = run("default", torch.contiguous_format)
-    for layout in (torch.contiguous_format, torch.channels_last):
-        torch.testing.assert_close(run(fast, layout), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run("native", torch.channels_last), want, rtol=1e-5, atol=1e-6)
 
 
 def _big_params():
@@ -118,29 +119,23 @@ def test_large_tensors_and_threads(kind, threads):
     torch.testing.assert_close(got, run("default"), rtol=1e-5, atol=1e-6)
 
 
-def test_grad_untouched_and_unit_means_kept():
-    # SGD without decay: every step moves a unit by -lr·P(g), so the unit means
-    # of the weights never change (the paper's Eq. 4); the gradient is only read.
-    params = _big_params()
-    means0 = [p.detach().mean(dim=tuple(range(1, p.dim()))) for p in params if p.dim() > 1]
-    opt = gradcent.SGD(params, lr=0.1, momentum=0.9, impl="native")
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(4):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        before = [p.grad.clone() for p in params]
-        opt.step()
-        assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
-    means = [p.detach().mean(dim=tuple(range(1, p.dim()))) for p in params if p.dim() > 1]
-    # (10, 1) has M = 1: GC leaves it alone, so its "means" are the weights and move.
-    for m0, m in zip(means0[:-1], means[:-1], strict=True):
-        torch.testing.assert_close(m, m0, rtol=0, atol=2e-6)
-    assert not torch.allclose(means[-1], means0[-1])
+LEFTOVER_CASES = {
+    "sgdm-l2-max": (
+        gradcent.SGD,
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1, "maximize": True},
+    ),
+    "sgdw": (gradcent.SGDW, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
+    "adam-l2-amsgrad": (gradcent.Adam, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
+    "adamw": (gradcent.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+}
 
 
-def test_fallbacks_mixed_with_native_params():
-    # bf16 weights and a grouped ConvTranspose take the blocked path's fallback;
-    # the float32 Linear and biases take the kernel, all in one group.
+@pytest.mark.parametrize("case", list(LEFTOVER_CASES))
+def test_leftovers_take_the_default_path_bit_for_bit(case):
+    # bf16 weights and a grouped ConvTranspose are handed back by the kernel and
+    # take the default path's own code (GC with the decay fold, then torch's step
+    # on just those): bit for bit its weights and its state, in torch's layout.
+    # The float32 Linear and the biases take the kernel, all in one group.
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.ConvTranspose2d(4, 6, 3, groups=2),
@@ -148,36 +143,48 @@ def test_fallbacks_mixed_with_native_params():
         nn.Linear(6 * 5 * 5, 7),
         nn.Linear(7, 3).to(torch.bfloat16),
     )
+    handed_back = {"0.weight", "3.weight", "3.bias"}
+    cls, kw = LEFTOVER_CASES[case]
 
     def run(impl):
         m = copy.deepcopy(net)
-        opt = gradcent.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, model=m, impl=impl)
+        opt = cls(m.parameters(), model=m, impl=impl, **kw)
         gen = torch.Generator().manual_seed(5)
         for _ in range(3):
             for p in m.parameters():
                 p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
             opt.step()
-        return list(m.parameters())
+        return m, opt
 
-    for a, b in zip(run("native"), run("default"), strict=True):
-        tol = 1e-6 if a.dtype == torch.float32 else 1e-2  # bf16: a few ulps
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    (m_native, o_native), (m_default, o_default) = run("native"), run("default")
+    for (name, a), b in zip(m_native.named_parameters(), m_default.parameters(), strict=True):
+        assert not torch.equal(a, dict(net.named_parameters())[name]), name  # it trained
+        sa, sb = o_native.state[a], o_default.state[b]
+        assert sa.keys() == sb.keys(), name
+        if name in handed_back:
+            assert torch.equal(a, b), name
+            for k in sa:  # torch's own layout: Adam's step a CPU float32 scalar
+                assert torch.equal(sa[k], sb[k]), (name, k)
+                assert (sa[k].dtype, sa[k].device) == (sb[k].dtype, sb[k].device), (name, k)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_lr_tensor_and_schedule():
-    def run(impl):
-        params = _big_params()[:2]
-        opt = gradcent.Adam(params, lr=torch.tensor(0.01), impl=impl)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        gen = torch.Generator().manual_seed(2)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-            sched.step()
-        return params
+def test_leftovers_enter_no_gc_timer():
+    # GC is part of the native step: neither the kernel nor the leftovers time it.
+    calls = []
 
-    torch.testing.assert_close(run("native"), run("default"), rtol=1e-5, atol=1e-6)
+    @contextlib.contextmanager
+    def timer():
+        calls.append("enter")
+        yield
+
+    p = nn.Parameter(torch.randn(5, 7, dtype=torch.bfloat16))
+    opt = gradcent.Adam([p], lr=1e-2, weight_decay=0.1, impl="native")
+    opt.gc_timer = timer
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == [] and opt.state[p]["step"].item() == 1.0
 
 
 def test_native_gc_pass_equals_core():
@@ -237,24 +244,6 @@ def test_new_shapes_and_groups_build_nothing(monkeypatch):
         a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
         opt.step()
     assert opt.state[a]["step"].item() == 2.0 and opt.state[b]["step"].item() == 2.0
-
-
-def test_grad_scaler_unscales_before_the_native_step():
-    def run(impl):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-        opt = gradcent.SGD(net.parameters(), lr=0.1, momentum=0.9, model=net, impl=impl)
-        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            x = torch.randn(16, 6, generator=gen)
-            opt.zero_grad()
-            scaler.scale(net(x).square().mean()).backward()
-            scaler.step(opt)
-            scaler.update()
-        return list(net.parameters())
-
-    torch.testing.assert_close(run("native"), run("default"), rtol=1e-5, atol=1e-6)
 
 
 def test_is_built_finds_both_torch_layouts(monkeypatch, tmp_path):

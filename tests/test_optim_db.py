@@ -308,7 +308,7 @@ def _fast_cases():
         names[torch.optim.AdamW] = ("AdamW",)
         for name in names.get(info.optim_cls, ()):
             for desc, kw in _configs(info):
-                for impl in ("blocked", "native", "fused"):
+                for impl in ("native", "fused"):
                     marks = [pytest.mark.slow] if impl == "fused" else []
                     out.append(
                         pytest.param(name, kw, impl, id=f"{name}-{desc}-{impl}", marks=marks)

@@ -1,8 +1,8 @@
 """The harness, the CLI and the benchmarks use gradcent's public API only.
 
-``opt.plan``, ``opt.gc_timer`` / ``handle.gc_timer``, ``opt.centralize_grads()``,
-``opt.fused_strategy`` and ``gradcent.optim.IMPLS`` are what they need; the
-Centralizer and the impl modules of ``gradcent.optim`` may change freely.
+``opt.plan``, ``opt.gc_timer`` / ``handle.gc_timer``, ``opt.centralize_grads()``
+and ``gradcent.optim.IMPLS`` are what they need; the Centralizer and the impl
+modules of ``gradcent.optim`` may change freely.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import gradcent
 import gradcent.optim
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIVATE = re.compile(r"\._gc\b|\b_(engine|fused|blocked|native|centralizer|compiled|impl)\b")
+PRIVATE = re.compile(r"\._gc\b|\b_(engine|fused|native|centralizer|compiled|impl)\b")
 
 
 def private_uses(paths: list[Path]) -> list[str]:
@@ -66,7 +66,7 @@ def test_cli_impl_choices_are_the_optimizers():
 
     found = impl_choices(build_parser())
     assert found and set(found) == {gradcent.optim.IMPLS}
-    assert gradcent.optim.IMPLS == ("default", "fused", "blocked", "native")
+    assert gradcent.optim.IMPLS == ("default", "fused", "native")
 
 
 def _counting_timer():
@@ -127,12 +127,3 @@ def test_plan_is_public_on_the_optimizer():
     opt = gradcent.Adam(net.parameters(), model=net)
     assert opt.plan.spec(net.weight).dims == (1,)
     assert opt.plan.spec(net.bias) is None
-
-
-def test_fused_strategy_is_checked_and_kept():
-    opt = gradcent.SGD([nn.Parameter(torch.randn(3, 4))], lr=0.1)
-    assert opt.fused_strategy == "per_param"
-    opt.fused_strategy = "foreach"
-    assert opt.fused_strategy == "foreach"
-    with pytest.raises(ValueError, match="Invalid fused_strategy: 'magic'"):
-        opt.fused_strategy = "magic"

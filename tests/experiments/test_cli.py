@@ -175,8 +175,8 @@ def test_options_resolve_into_the_config():
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--impl", "turbo"], "--impl: invalid choice: 'turbo'"),
         (
-            ["train", "--optimizer", "adagrad", "--impl", "blocked"],
-            "Invalid impl for optimizer 'adagrad': 'blocked'",
+            ["train", "--optimizer", "adagrad", "--impl", "native"],
+            "Invalid impl for optimizer 'adagrad': 'native'",
         ),
     ],
 )
@@ -228,12 +228,12 @@ def test_impl_option_resolves_into_the_config():
         cfg = resolve_config(parser.parse_args([command, "--impl", "native"]))
         assert cfg.impl == "native"
     # a preset keeps its protocol and takes the impl
-    cfg = resolve_config(parser.parse_args(["compare", "--preset", "table1", "--impl", "blocked"]))
-    assert (cfg.preset, cfg.impl, cfg.optimizer) == ("table1", "blocked", "sgd")
+    cfg = resolve_config(parser.parse_args(["compare", "--preset", "table1", "--impl", "fused"]))
+    assert (cfg.preset, cfg.impl, cfg.optimizer) == ("table1", "fused", "sgd")
 
 
-@pytest.mark.parametrize("impl", ["blocked", "native"])
-def test_train_with_impl_end_to_end(tmp_path, capsys, impl):
+def test_train_with_impl_end_to_end(tmp_path, capsys):
+    impl = "native"
     out = tmp_path / impl
     assert (
         main(
@@ -268,7 +268,7 @@ def test_compare_with_impl_end_to_end(tmp_path, capsys):
             [
                 "compare",
                 "--impl",
-                "blocked",
+                "native",
                 "--subset",
                 "64",
                 "--epochs",
@@ -289,14 +289,14 @@ def test_compare_with_impl_end_to_end(tmp_path, capsys):
     assert [r[0] for r in rows] == ["baseline", "gc"] and all(r[-1] == "n/a" for r in rows)
     table = [line for line in stdout.splitlines() if not line.startswith(("plot:", "results:"))]
     assert "GC % n/a (in the step)" in table[-1] and not any("nan" in line for line in table)
-    assert json.loads((out / "results.json").read_text())["config"]["impl"] == "blocked"
+    assert json.loads((out / "results.json").read_text())["config"]["impl"] == "native"
     # gc-update attaches GC to a plain torch optimizer: no impl=
     with pytest.raises(SystemExit) as e:
         main(
             [
                 "compare",
                 "--impl",
-                "blocked",
+                "native",
                 "--variants",
                 "gc-update",
                 "--subset",
@@ -311,7 +311,7 @@ def test_compare_with_impl_end_to_end(tmp_path, capsys):
             ]
         )
     assert e.value.code == 2
-    assert "Invalid variant for impl 'blocked': 'gc-update'" in capsys.readouterr().err
+    assert "Invalid variant for impl 'native': 'gc-update'" in capsys.readouterr().err
 
 
 def test_presets_command_and_preset_resolution(capsys):

@@ -288,14 +288,14 @@ def test_impl_is_validated_and_old_configs_load():
     with pytest.raises(ValueError, match="Invalid impl for optimizer 'adagrad': 'native'"):
         _cfg(optimizer="adagrad", impl="native")
     # a sweep point that switches to Adagrad is refused up front too
-    with pytest.raises(ValueError, match="Invalid impl for optimizer 'adagrad': 'blocked'"):
-        _cfg(impl="blocked", sweep={"optimizer=adagrad": {"optimizer": "adagrad"}})
+    with pytest.raises(ValueError, match="Invalid impl for optimizer 'adagrad': 'fused'"):
+        _cfg(impl="fused", sweep={"optimizer=adagrad": {"optimizer": "adagrad"}})
     assert _cfg(optimizer="adagrad").impl == "default"
     # config.json / results.json written before the option existed
     old = _cfg(epochs=2).to_dict()
     del old["impl"]
     assert RunConfig.from_json(json.dumps(old)) == _cfg(epochs=2)
-    assert _cfg(impl="native").replace(impl="blocked").impl == "blocked"
+    assert _cfg(impl="native").replace(impl="fused").impl == "fused"
 
 
 def test_build_optimizer_passes_impl():
@@ -307,18 +307,18 @@ def test_build_optimizer_passes_impl():
     assert opt.param_groups[0]["gc"] == "all"
     # the baseline too: the fast paths run without GC as well
     opt, _ = build_optimizer(
-        _cfg(impl="blocked", optimizer="adamw", lr=1e-3), get_variant("baseline"), model
+        _cfg(impl="native", optimizer="adamw", lr=1e-3), get_variant("baseline"), model
     )
-    assert type(opt).__name__ == "AdamW" and opt.impl == "blocked"
+    assert type(opt).__name__ == "AdamW" and opt.impl == "native"
     assert opt.param_groups[0]["gc"] is None
     opt, _ = build_optimizer(_cfg(optimizer="adagrad"), get_variant("gc"), model)
     assert type(opt).__name__ == "Adagrad"  # no impl= passed to it
-    with pytest.raises(ValueError, match="Invalid variant for impl 'blocked': 'gc-update'"):
-        build_optimizer(_cfg(impl="blocked"), get_variant("gc-update"), model)
+    with pytest.raises(ValueError, match="Invalid variant for impl 'native': 'gc-update'"):
+        build_optimizer(_cfg(impl="native"), get_variant("gc-update"), model)
 
 
-@pytest.mark.parametrize("impl", ["blocked", "native"])
-def test_fast_impl_trains_and_reports_no_gc_time(tmp_path, data, impl):
+def test_fast_impl_trains_and_reports_no_gc_time(tmp_path, data):
+    impl = "native"
     lines = []
     cfg = _cfg(epochs=1)
     fast = train_run(cfg.replace(impl=impl), "gc", 0, tmp_path / impl, data=data, log=lines.append)
@@ -349,7 +349,7 @@ def test_checkpoint_from_before_impl_still_resumes(tmp_path, data):
     assert resumed["finished"] and resumed["epochs"] == 2
     # while a checkpoint of another impl is refused
     train_run(
-        cfg.replace(impl="blocked"), "gc", 0, tmp_path / "x", data=data, stop_after=1, log=None
+        cfg.replace(impl="native"), "gc", 0, tmp_path / "x", data=data, stop_after=1, log=None
     )
     with pytest.raises(ValueError, match="different run"):
         train_run(cfg, "gc", 0, tmp_path / "x", data=data, resume=True, log=None)

@@ -104,8 +104,8 @@ class RunConfig:
         lr_pretrained: learning rate of the pre-trained layers when fine-tuning
             (``lr`` is then the new FC layer's rate); None means ``lr / 10``.
         optimizer: one of :data:`OPTIMIZERS`.
-        impl: the optimizer's ``impl=`` (``"default"``, ``"fused"``, ``"blocked"``
-            or ``"native"``; README "Fast paths"). Other than ``"default"``, GC
+        impl: the optimizer's ``impl=`` (``"default"``, ``"fused"`` or
+            ``"native"``; README "Fast paths"). Other than ``"default"``, GC
             runs inside the optimizer step, so its time is not measured apart
             (``gc_time`` and ``gc_share`` are NaN). Not for ``adagrad``.
         lr, momentum, weight_decay: optimizer hyper-parameters.

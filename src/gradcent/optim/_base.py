@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# _blocked, _compiled and _native are imported to register their steps with _impl.
-from gradcent.optim import _blocked, _compiled, _impl, _native  # noqa: F401
+# _compiled and _native are imported to register their steps with _impl.
+from gradcent.optim import _compiled, _impl, _native  # noqa: F401
 from gradcent.optim._centralizer import Centralizer
 from gradcent.optim._impl import check_impl, check_impl_options, check_params
 from gradcent.rules import Plan, Selector, check_mode, plan
@@ -108,8 +108,8 @@ class GCMixin:
     def _init_impl(self, impl: str) -> None:
         """Validate ``impl=``; "native" builds (first time) and loads its kernel here.
 
-        "default": GC pass then torch's step; "fused": compiled; "blocked":
-        cache blocks; "native": hand-written C++ kernel.
+        "default": GC pass then torch's step; "fused": compiled; "native":
+        hand-written C++ kernel.
         """
         # Kept in defaults: torch pickles/deep-copies only defaults, state, groups.
         self.defaults["impl"] = check_impl(impl)
@@ -146,27 +146,8 @@ class GCMixin:
         self._gc.timer = timer  # validated there
 
     @property
-    def fused_strategy(self) -> str:
-        """How ``impl="fused"`` launches its kernels: ``"per_param"`` or ``"foreach"``.
-
-        ``"per_param"`` (the default) makes one compiled call per parameter on a
-        few small graphs shared by all shapes; ``"foreach"`` one call per group,
-        one graph per parameter set (docs/BENCHMARKS.md compares them). Other
-        impls ignore it.
-        """
-        return self.defaults.get("fused_strategy", "per_param")
-
-    @fused_strategy.setter
-    def fused_strategy(self, strategy: str) -> None:
-        if strategy not in ("per_param", "foreach"):
-            raise ValueError(
-                f"Invalid fused_strategy: {strategy!r} (expected 'per_param' or 'foreach')"
-            )
-        self.defaults["fused_strategy"] = strategy
-
-    @property
     def impl(self) -> str:
-        """``"default"``, ``"fused"``, ``"blocked"`` or ``"native"``: how :meth:`step` runs."""
+        """``"default"``, ``"fused"`` or ``"native"``: how :meth:`step` runs."""
         return self.defaults.get("impl", "default")
 
     def _torch_step(self) -> None:

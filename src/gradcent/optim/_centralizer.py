@@ -140,10 +140,16 @@ class Centralizer:
     def before(self, optimizer: torch.optim.Optimizer) -> None:
         """Centralize gradients (folding coupled decay) or snapshot weights (timed)."""
         with self._timed():
-            self._before(optimizer)
+            self.before_untimed(optimizer)
 
     @torch.no_grad()
-    def _before(self, optimizer: torch.optim.Optimizer) -> None:
+    def before_untimed(self, optimizer: torch.optim.Optimizer) -> None:
+        """:meth:`before` without the timer.
+
+        What another impl's step calls for the parameters its kernel hands back
+        (:func:`gradcent.optim._impl.step_leftovers`): its GC is inside the step,
+        so it enters no ``gc_timer``.
+        """
         done = self._pending
         self.discard_pending()
         self._snapshots.clear()

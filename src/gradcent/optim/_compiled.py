@@ -109,34 +109,12 @@ def _adam_one(p, g, m, v, vmax, s, centre: bool) -> None:
     torch._foreach_copy_([p, m, v] if vmax is None else [p, m, v, vmax], list(new))
 
 
-def _sgd_many(ps, gs, bufs, ss, centres: tuple[bool, ...]) -> None:
-    dst: list[Tensor] = []
-    src: list[Tensor] = []
-    for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
-        buf = bufs[i] if bufs else None
-        new = _sgd_math(p, g, buf, ss[i], centres[i])
-        dst += [p] if buf is None else [p, buf]
-        src += new
-    torch._foreach_copy_(dst, src)
-
-
-def _adam_many(ps, gs, ms, vs, vmaxs, ss, centres: tuple[bool, ...]) -> None:
-    dst: list[Tensor] = []
-    src: list[Tensor] = []
-    for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs, strict=True)):
-        vmax = vmaxs[i] if vmaxs else None
-        new = _adam_math(p, g, m, v, vmax, ss[i], centres[i])
-        dst += [p, m, v] if vmax is None else [p, m, v, vmax]
-        src += new
-    torch._foreach_copy_(dst, src)
-
-
 _EAGER: dict[str, Callable[..., None]] = {"sgd": _sgd_one, "adam": _adam_one}
 _COMPILED: dict[str, Callable[..., None]] = {}
 
 
 def compiled_kernel(name: str) -> Callable[..., None]:
-    """The compiled kernel ``name`` (``"sgd_one"``, ``"adam_many"``, ...), built once.
+    """The compiled kernel ``name`` (``"sgd_one"`` or ``"adam_one"``), built once.
 
     Args:
         name: which kernel.
@@ -147,12 +125,7 @@ def compiled_kernel(name: str) -> Callable[..., None]:
 
     """
     if name not in _COMPILED:
-        fn = {
-            "sgd_one": _sgd_one,
-            "adam_one": _adam_one,
-            "sgd_many": _sgd_many,
-            "adam_many": _adam_many,
-        }[name]
+        fn = {"sgd_one": _sgd_one, "adam_one": _adam_one}[name]
         # No fullgraph=True: it adds a config patch to every call (tens of µs per
         # parameter on CPU); the kernels have no graph break (tests count graphs).
         _COMPILED[name] = torch.compile(fn, dynamic=True)
@@ -273,23 +246,22 @@ def _row(
 # measured on torch 2.14; docs/TRAINING_LOOPS.md).
 @torch.compiler.disable
 @torch.no_grad()
-def fused_step(optimizer: torch.optim.Optimizer, strategy: str | None = None) -> None:
+def fused_step(optimizer: torch.optim.Optimizer) -> None:
     """One GC + update step of a gradcent SGD/SGDW/Adam/AdamW, fused and compiled.
+
+    One compiled call per parameter, on a few small graphs shared by all shapes.
+    (One call per group over lists was measured slower: its compile time grew
+    with the number of tensors, 42 s for 7 and 173 s for 28, and its steps were
+    slower too.)
 
     Args:
         optimizer: a gradcent optimizer built with ``impl="fused"``.
-        strategy: ``"per_param"`` (one compiled call per parameter; a few small
-            graphs shared by all shapes) or ``"foreach"`` (one compiled call per
-            group, one graph per parameter set); by default the optimizer's
-            ``fused_strategy``.
 
     References:
         Yong et al., ECCV 2020, Algorithms 1-2 and §3.4.
 
     """
     kind = kernel_kind(optimizer)
-    if strategy is None:
-        strategy = optimizer.defaults.get("fused_strategy", "per_param")
     gc = optimizer._gc
     # P is idempotent, so gradients centred earlier by centralize_grads() (and
     # maybe clipped since) give P(Pg + λw) = Pg + λP(w): the default path's rule.
@@ -336,7 +308,7 @@ def fused_step(optimizer: torch.optim.Optimizer, strategy: str | None = None) ->
             batch.rows.append(row)
             batch.centres.append(centre)
         for (device, _), batch in batches.items():
-            _launch(kind, group, batch, _scalars(batch.rows, device), strategy)
+            _launch(kind, group, batch, _scalars(batch.rows, device))
 
 
 def _splits_units(t: Tensor, spec: Spec) -> bool:
@@ -363,18 +335,11 @@ def _run_eager(kind: str, group: dict[str, Any], cols: list[Tensor], row: list[f
     _EAGER[kind](*args, s, False)
 
 
-def _launch(kind: str, group: dict[str, Any], batch: _Batch, ss: list[Tensor], strategy: str):
-    if strategy == "per_param":
-        fn = compiled_kernel(f"{kind}_one")
-        for cols, s, centre in zip(batch.cols, ss, batch.centres, strict=True):
-            fn(*_split(kind, group, cols), s, centre)
-        return
-    if strategy != "foreach":
-        raise ValueError(f"Invalid strategy: {strategy!r} (expected 'per_param' or 'foreach')")
-    fn = compiled_kernel(f"{kind}_many")
-    per = list(zip(*[_split(kind, group, c) for c in batch.cols], strict=True))
-    lists = [[] if col[0] is None else list(col) for col in per]
-    fn(*lists, ss, tuple(batch.centres))
+def _launch(kind: str, group: dict[str, Any], batch: _Batch, ss: list[Tensor]) -> None:
+    """One compiled call per parameter of the batch."""
+    fn = compiled_kernel(f"{kind}_one")
+    for cols, s, centre in zip(batch.cols, ss, batch.centres, strict=True):
+        fn(*_split(kind, group, cols), s, centre)
 
 
 register("fused", fused_step)

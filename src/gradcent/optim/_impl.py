@@ -7,14 +7,13 @@ is a leaf that imports only this module (and core/rules), never another one:
 
 * ``"default"``: :mod:`._centralizer` (a GC pass, then torch's own step);
 * ``"fused"``: :mod:`._compiled` (GC and update in one ``torch.compile`` kernel);
-* ``"blocked"``: :mod:`._blocked` (GC and torch's fused kernel, block by block);
 * ``"native"``: :mod:`._native` (GC and update in one C++ pass on CPU).
 
 Here live what they share: the names and option checks, the kernel-kind lookup,
 the state initialisation and the decay terms (the split of ``weight_decay`` into
 coupled L2 folded into ĝ and the decoupled shrink). An implementation registers
 its step with :func:`register` when it is imported; the parameters the native
-kernel hands back are routed by :func:`step_leftovers` to :data:`LEFTOVERS`.
+kernel hands back take the default path's step (:func:`step_leftovers`).
 
 References:
     Yong et al., ECCV 2020, Algorithms 1-2 and §3.4 (ĝ = P(g + λw)).
@@ -31,14 +30,10 @@ from torch import Tensor
 
 from gradcent.core import centralize_, is_dtensor
 
-IMPLS = ("default", "fused", "blocked", "native")
-# Who steps the parameters the native kernel does not take (other dtypes,
-# devices, layouts): GC in place, then torch's fused kernel.
-LEFTOVERS = "blocked"
+IMPLS = ("default", "fused", "native")
 # Torch options each non-default impl does not implement (they must be off).
 _UNSUPPORTED: dict[str, tuple[str, ...]] = {
     "fused": ("fused", "capturable", "differentiable"),
-    "blocked": ("capturable", "differentiable"),
     "native": ("capturable", "differentiable"),
 }
 
@@ -70,7 +65,6 @@ FUSED_MIN_TORCH = (2, 13)
 
 class _Impl(NamedTuple):
     step: Callable[[torch.optim.Optimizer], None]
-    group_step: Callable[..., None] | None
     centralize_many: Callable[[Sequence[tuple[Tensor, Any]]], list] | None
     prepare: Callable[[], object] | None
 
@@ -82,7 +76,6 @@ def register(
     impl: str,
     step: Callable[[torch.optim.Optimizer], None],
     *,
-    group_step: Callable[..., None] | None = None,
     centralize_many: Callable[[Sequence[tuple[Tensor, Any]]], list] | None = None,
     prepare: Callable[[], object] | None = None,
 ) -> None:
@@ -91,14 +84,12 @@ def register(
     Args:
         impl: one of :data:`IMPLS` other than ``"default"``.
         step: the whole GC + update step of an optimizer.
-        group_step: ``(optimizer, kind, group, params)``: the step of some of a
-            group's parameters (what :func:`step_leftovers` calls).
         centralize_many: centres a list of (gradient, spec) in one call and
             returns the pairs it did not take (``centralize_grads()``'s pass).
         prepare: called at construction (the native kernel builds there).
 
     """
-    _REGISTERED[check_impl(impl)] = _Impl(step, group_step, centralize_many, prepare)
+    _REGISTERED[check_impl(impl)] = _Impl(step, centralize_many, prepare)
 
 
 def _entry(impl: str) -> _Impl:
@@ -119,10 +110,46 @@ def step(optimizer: torch.optim.Optimizer) -> None:
 
 
 def step_leftovers(
-    optimizer: torch.optim.Optimizer, kind: str, group: dict[str, Any], params: list[Tensor]
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor]
 ) -> None:
-    """Step the parameters an impl's kernel handed back, with :data:`LEFTOVERS`'s path."""
-    _entry(LEFTOVERS).group_step(optimizer, kind, group, params)
+    """Step the parameters an impl's kernel handed back exactly as ``impl="default"`` does.
+
+    The default path's own code on a view of the optimizer that holds one
+    group, ``params`` with ``group``'s options: GC in place on their gradients
+    with coupled decay folded (g' = P(g + αw) − αw, α = ±λ, so torch's own
+    + λw gives ĝ = P(g + λw)), then the optimizer's torch step on them alone
+    (SGDW's shrink and AdamW's decoupled decay included). Results and state
+    layout are the default path's. No ``gc_timer`` is entered: GC is part of
+    the calling impl's step.
+
+    Args:
+        optimizer: a gradcent SGD/SGDW/Adam/AdamW whose impl's kernel did not
+            take ``params`` (other dtypes, devices or layouts).
+        group: the param group ``params`` belong to, for its options.
+        params: parameters of ``group`` that have a gradient.
+
+    Raises:
+        ValueError: for a sparse gradient or a DTensor parameter.
+
+    References:
+        Yong et al., ECCV 2020, Algorithms 1-2 and §3.4 (ĝ = P(g + λw)).
+
+    """
+    for p in params:
+        check_param(p, optimizer.impl)
+        if group.get("fused") and p.grad.stride() != p.stride():
+            # torch's fused kernels walk raw memory: a gradient laid out unlike its
+            # parameter (channels_last grad, contiguous weight) would update the
+            # wrong elements (torch 2.14's CPU SGD/Adam fused=True). Same values,
+            # in p's layout.
+            p.grad = torch.empty_like(p).copy_(p.grad)
+    saved = optimizer.param_groups
+    optimizer.param_groups = [{**group, "params": list(params)}]
+    try:
+        optimizer._gc.before_untimed(optimizer)
+        optimizer._torch_step()
+    finally:
+        optimizer.param_groups = saved
 
 
 def centralize_all_(todo: list[tuple[Tensor, Any]], impl: str = "default") -> None:
@@ -146,9 +173,8 @@ def check_impl(impl: object) -> str:
 
     Args:
         impl: ``"default"`` (GC pass, then torch's step: the ground truth),
-            ``"fused"`` (GC and update in one compiled kernel), ``"blocked"``
-            (GC then torch's fused kernel, block by block: :mod:`._blocked`) or
-            ``"native"`` (GC and update in one hand-written C++ pass on CPU:
+            ``"fused"`` (GC and update in one compiled kernel: :mod:`._compiled`)
+            or ``"native"`` (GC and update in one hand-written C++ pass on CPU:
             :mod:`._native`).
 
     Returns:
@@ -169,7 +195,7 @@ def check_impl_options(optimizer: torch.optim.Optimizer, impl: str) -> None:
 
     Args:
         optimizer: a gradcent SGD, SGDW, Adam or AdamW.
-        impl: ``"fused"``, ``"blocked"`` or ``"native"``.
+        impl: ``"fused"`` or ``"native"``.
 
     Raises:
         ValueError: an optimizer the impl has no kernel for, an option it does
@@ -189,7 +215,7 @@ def check_options(
 
     Args:
         optimizer: a gradcent SGD, SGDW, Adam or AdamW.
-        impl: ``"fused"``, ``"blocked"`` or ``"native"``, for the message.
+        impl: ``"fused"`` or ``"native"``, for the message.
         unsupported: group options that must be off (``"capturable"``, ...).
 
     Raises:
@@ -210,7 +236,7 @@ def check_params(optimizer: torch.optim.Optimizer, impl: str, params: list[Tenso
 
     Complex parameters (the kernels are real-valued; ``impl="default"`` centres
     each unit over its complex entries, real and imaginary parts together) and,
-    for ``"blocked"`` / ``"native"``, DTensor (FSDP2) parameters.
+    for ``"native"``, DTensor (FSDP2) parameters.
 
     Raises:
         ValueError: naming the parameter, its type and what to use instead.
@@ -266,7 +292,7 @@ def kernel_kind(optimizer: torch.optim.Optimizer, impl: str = "fused") -> str:
 
 
 def check_step(optimizer: torch.optim.Optimizer) -> str:
-    """The kernel kind of a blocked/native step; rejects GradScaler's fused-step scaling."""
+    """The kernel kind of a native step; rejects GradScaler's fused-step scaling."""
     impl = optimizer.impl
     if getattr(optimizer, "grad_scale", None) is not None:
         raise ValueError(f"impl={impl!r} does not take GradScaler's grad_scale; use 'default'")
@@ -386,8 +412,8 @@ def fused_state(
 ) -> tuple[list[Tensor], bool]:
     """Torch's fused state of ``p`` (made if missing), and whether SGD's buffer is new.
 
-    ``step`` is a float32 tensor on the parameter's device (``impl="blocked"``
-    and ``"native"``), so state dicts move freely between impls.
+    ``step`` is a float32 tensor on the parameter's device (``impl="native"``),
+    so state dicts move freely between impls.
     """
     if kind == "sgd" and not group["momentum"]:
         return [], False  # no state at all, as torch's SGD (reading it would add {})

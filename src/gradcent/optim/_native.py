@@ -8,9 +8,9 @@ updated by one multi-threaded pass. For each unit (row) the kernel sums
 ĝ = g + λw, then updates that row while it is still in L1/L2, so GC adds no
 memory traffic and a few arithmetic operations per element to torch's own fused
 step. Parameters the kernel does not take (fp16/bf16, CUDA, grouped
-ConvTranspose, other memory layouts) are handed back by the kernel and go,
-in the same step, to the path :mod:`._impl` routes them to
-(:func:`._impl.step_leftovers`: GC in place, then torch's fused kernel).
+ConvTranspose, other memory layouts) are handed back by the kernel and take,
+in the same step, the default path's step (:func:`._impl.step_leftovers`: GC
+in place, coupled decay folded, then torch's own step for just those).
 
 Building needs a C++ compiler (``g++``) and ``ninja`` (``pip install ninja``);
 when either is missing the optimizer's constructor raises and names both.
@@ -139,7 +139,7 @@ def load():
         _BUILD["error"] = (
             f"impl='native' could not build its C++ kernel ({type(exc).__name__}: {exc}). "
             "It needs a C++ compiler (g++) and ninja (pip install ninja); "
-            "impl='blocked' and impl='default' need neither."
+            "impl='default' needs neither."
         )
         raise RuntimeError(_BUILD["error"]) from exc
     _BUILD["ops"] = torch.ops.gradcent_native
@@ -184,8 +184,8 @@ def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
 
 
 # Inside a compiled train step Dynamo graph-breaks here and runs the step eagerly:
-# the kernels (torch's fused ones on views, the C++ one) have no fake tensor rule,
-# and the eager step is the result a compiled step must give (docs/TRAINING_LOOPS.md).
+# the C++ kernel has no fake tensor rule, and the eager step is the result a
+# compiled step must give (docs/TRAINING_LOOPS.md).
 @torch.compiler.disable
 @torch.no_grad()
 def native_step(optimizer: torch.optim.Optimizer) -> None:
@@ -219,7 +219,8 @@ def native_step(optimizer: torch.optim.Optimizer) -> None:
         gs: list[Tensor] = []
         cols: tuple[list[Tensor], ...] = ([], [], [], [])
         rows: list[int] = []
-        first: list[bool] = []
+        first: list[bool] = []  # SGD with momentum: the buffer is new
+        fresh: list[bool] = []  # the state was made here for the kernel
         slow: list[Tensor] = []
         for p in group["params"]:
             g = p.grad
@@ -232,22 +233,29 @@ def native_step(optimizer: torch.optim.Optimizer) -> None:
             rows.append(_hint(gc, group, p, cache))
             ps.append(p)
             gs.append(g)
-            _gather(optimizer, kind, group, p, cols, first)
+            fresh.append(_gather(optimizer, kind, group, p, cols, first))
         if ps:
             skipped = _call(ops, kind, group, optimizer, ps, gs, cols, rows, first)
             for i in skipped:
-                if kind == "sgd" and first and first[i]:
-                    del optimizer.state[ps[i]]["momentum_buffer"]  # made here, never filled
+                if fresh[i]:
+                    # Made here, never filled: torch's step makes its own, in its layout.
+                    del optimizer.state[ps[i]]
                 slow.append(ps[i])
         if slow:
-            step_leftovers(optimizer, kind, group, slow)
+            step_leftovers(optimizer, group, slow)
 
 
-def _gather(optimizer, kind: str, group, p: Tensor, cols, first: list[bool]) -> None:
-    """Append ``p``'s state tensors to ``cols`` (made when missing, as torch's fused step)."""
+def _gather(optimizer, kind: str, group, p: Tensor, cols, first: list[bool]) -> bool:
+    """Append ``p``'s state tensors to ``cols`` (made when missing, as torch's fused step).
+
+    Returns:
+        Whether the state was made here.
+
+    """
     st = optimizer.state.get(p)
     if kind == "adam":
-        if not st:
+        made = not st
+        if made:
             fused_state(optimizer, kind, group, p)
             st = optimizer.state[p]
         cols[0].append(st["exp_avg"])
@@ -255,11 +263,13 @@ def _gather(optimizer, kind: str, group, p: Tensor, cols, first: list[bool]) -> 
         if group["amsgrad"]:
             cols[2].append(st["max_exp_avg_sq"])
         cols[3].append(st["step"])  # the kernel hands back a step it cannot use
-        return
+        return made
     if group["momentum"]:
-        states, fresh = fused_state(optimizer, kind, group, p)
+        states, made = fused_state(optimizer, kind, group, p)
         cols[0].append(states[0])
-        first.append(fresh)
+        first.append(made)
+        return made
+    return False
 
 
 def _call(ops, kind, group, optimizer, ps, gs, cols, rows, first) -> list[int]:

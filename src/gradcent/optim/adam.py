@@ -28,10 +28,9 @@ class Adam(GCMixin, torch.optim.Adam):
         model: the model, for per-layer output axes.
         include, exclude: name patterns or callables overriding the plan.
         impl: ``"default"`` (GC pass, then torch's step), ``"fused"`` (GC and
-            update in one compiled kernel, :mod:`gradcent.optim._compiled`),
-            ``"blocked"`` (GC then torch's fused kernel per cache-sized block,
-            :mod:`gradcent.optim._blocked`) or ``"native"`` (GC and update in
-            one hand-written C++ pass on CPU, :mod:`gradcent.optim._native`).
+            update in one compiled kernel, :mod:`gradcent.optim._compiled`) or
+            ``"native"`` (GC and update in one hand-written C++ pass on CPU,
+            :mod:`gradcent.optim._native`).
         **kwargs: torch's keyword-only options (``foreach``, ``maximize``,
             ``capturable``, ``differentiable``, ``fused``, ...), passed through.
 

@@ -34,10 +34,9 @@ class SGD(GCMixin, torch.optim.SGD):
             bare-tensor rules apply.
         include, exclude: name patterns or callables overriding the plan.
         impl: ``"default"`` (GC pass, then torch's step), ``"fused"`` (GC and
-            update in one compiled kernel, :mod:`gradcent.optim._compiled`),
-            ``"blocked"`` (GC then torch's fused kernel per cache-sized block,
-            :mod:`gradcent.optim._blocked`) or ``"native"`` (GC and update in
-            one hand-written C++ pass on CPU, :mod:`gradcent.optim._native`).
+            update in one compiled kernel, :mod:`gradcent.optim._compiled`) or
+            ``"native"`` (GC and update in one hand-written C++ pass on CPU,
+            :mod:`gradcent.optim._native`).
 
     References:
         Yong et al., ECCV 2020, Algorithm 1 and §3.4.
