@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    repeats = args.repeats or (2 if args.quick else 20 if cuda else 7)
+    repeats = args.repeats or (2 if args.quick else 20 if cuda else 15)
     step_repeats = args.step_repeats or (1 if args.quick else 20 if cuda else 3)
     available = {
         "resnet50": ("ResNet-50", paramsets.resnet50_shapes),

@@ -1,10 +1,16 @@
 """Round-robin timing: every case runs once per round, so drift hits all alike.
 
+Within a round the order is shuffled (a fixed seed): a case that runs right
+after another pays for what that one left behind (dirty cache lines to write
+back, evicted data), and a fixed order would charge it to the same case in
+every round.
+
 CPU: ``time.perf_counter``. CUDA: CUDA events around each call.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -32,9 +38,12 @@ def measure(
 ) -> dict[str, float]:
     """Median seconds per case, the cases interleaved round by round."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    rng = random.Random(0)
     for r in range(warmup + repeats):
-        for name, fn in cases.items():
-            t = time_once(fn, device)
+        rng.shuffle(order)
+        for name in order:
+            t = time_once(cases[name], device)
             if r >= warmup:
                 samples[name].append(t)
     return {name: statistics.median(ts) for name, ts in samples.items()}

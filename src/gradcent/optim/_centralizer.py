@@ -125,16 +125,20 @@ class Centralizer:
 
     def _spec(self, gplan: Plan, p: Tensor):
         spec = gplan.spec(p)
-        if spec is not None and p.grad is not None:
-            if p.grad.is_sparse:
+        if spec is None:
+            return None
+        g = p.grad
+        # is_contiguous() settles the usual case in one call (runs per parameter and step).
+        if g is not None and (g.is_sparse or not g.is_contiguous()):
+            if g.is_sparse:
                 raise ValueError(
                     f"Parameter {gplan.name(p)!r} has a sparse gradient: GC is defined for "
                     "dense weight gradients; exclude it (exclude=...) or use a dense layer"
                 )
-            if _is_expanded(p.grad):
+            if _is_expanded(g):
                 # An expanded (stride-0) gradient, which torch's optimizers accept,
                 # cannot be centred in place: GC works on a copy that becomes p.grad.
-                p.grad = p.grad.contiguous()
+                p.grad = g.contiguous()
         return spec
 
     def before(self, optimizer: torch.optim.Optimizer) -> None:
@@ -204,12 +208,13 @@ class Centralizer:
                     continue
                 spec = self._spec(gplan, p)
                 if spec is not None:
-                    todo.append((p.grad, spec))
-                    self._mark_pending(p)
+                    g = p.grad  # after _spec, which may have made it dense
+                    todo.append((g, spec))
+                    self._mark_pending(p, g)
             centralize_all_(todo, impl)
 
-    def _mark_pending(self, p: Tensor) -> None:
-        self._pending[id(p)] = weakref.ref(p.grad)
+    def _mark_pending(self, p: Tensor, g: Tensor) -> None:
+        self._pending[id(p)] = weakref.ref(g)
         if p.requires_grad:
             hooked = self._hooked.get(id(p))
             if hooked is None or hooked() is not p:

@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -168,6 +169,10 @@ def rows_hint(shape: Sequence[int], spec) -> int:
         return -1
     m = math.prod(shape[1:])
     return shape[0] if m > 1 and shape[0] > 0 else 0
+
+
+# Shapes and specs are hashable and few: each step reuses the answers.
+_rows_hint = functools.lru_cache(maxsize=4096)(rows_hint)
 
 
 def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
@@ -327,7 +332,7 @@ def centralize_many_(todo: Sequence[tuple[Tensor, Any]]) -> list[tuple[Tensor, A
     picked = [(t, s) for t, s in todo if type(t) in _PLAIN]
     rest = [(t, s) for t, s in todo if type(t) not in _PLAIN]
     if picked:
-        rows = [rows_hint(t.shape, s) for t, s in picked]
+        rows = [_rows_hint(t.shape, s) for t, s in picked]
         skipped = load().centralize_([t for t, _ in picked], rows)
         rest += [picked[i] for i in skipped]
     return rest
