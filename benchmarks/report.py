@@ -32,6 +32,7 @@ from targets import (
     Verdict,
     evaluate,
     failures,
+    ratio,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +56,13 @@ def _cases(sets: dict[str, dict]) -> list[str]:
     return list(names)
 
 
-def _cell(medians: dict[str, float], case: str) -> list[str]:
+def _cell(res: dict, case: str) -> list[str]:
     """``ms`` and ``ratio`` cells of one case on one set (blank where it did not run)."""
+    medians = res["median_s"]
     if case not in medians:
         return ["", ""]
-    ref = medians.get(reference_of(case))
-    ratio = f"{medians[case] / ref:.2f}" if ref else ""
-    return [f"{medians[case] * 1e3:.2f}", ratio]
+    value = ratio(res, case, reference_of(case))
+    return [f"{medians[case] * 1e3:.2f}", "" if value is None else f"{value:.2f}"]
 
 
 def sets_table(sets: dict[str, dict]) -> list[str]:
@@ -75,7 +76,7 @@ def sets_table(sets: dict[str, dict]) -> list[str]:
     for case in _cases(sets):
         cells = [case]
         for res in sets.values():
-            cells += _cell(res["median_s"], case)
+            cells += _cell(res, case)
         lines.append("| " + " | ".join([*cells, reference_of(case)]) + " |")
     return lines
 

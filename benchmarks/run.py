@@ -37,8 +37,8 @@ from collections.abc import Callable
 import paramsets
 import torch
 from report import check_report, reference_of
-from targets import evaluate
-from timing import measure, time_once
+from targets import evaluate, ratio
+from timing import measure, measure_rounds, medians, time_once
 from torch import nn
 
 import gradcent
@@ -129,14 +129,15 @@ def bench_set(label: str, shapes, device: str, repeats: int) -> dict:
     """All step and pass cases on one parameter set."""
     n = paramsets.count(shapes)
     params = paramsets.materialize(shapes, device)
-    out: dict = {"params": n, "tensors": len(shapes), "first_step_s": {}, "median_s": {}}
+    out: dict = {"params": n, "tensors": len(shapes), "first_step_s": {}, "samples_s": {}}
     for kind in ("adam", "sgd"):
         cases, first = _opt_cases(params, kind, device)
         out["first_step_s"][kind] = first
-        out["median_s"].update(measure(cases, device, repeats))
+        out["samples_s"].update(measure_rounds(cases, device, repeats))
         del cases
-    out["median_s"].update(measure(_pass_cases(params, device), device, repeats))
-    _print_table(f"{label}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors", out["median_s"])
+    out["samples_s"].update(measure_rounds(_pass_cases(params, device), device, repeats))
+    out["median_s"] = medians(out["samples_s"])
+    _print_table(f"{label}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors", out)
     for key, t in out["first_step_s"].items():
         print(f"  first fused step (compile included) {key}: {t:.2f} s")
     del params
@@ -185,18 +186,19 @@ def bench_resnet18(device: str, batch: int, repeats: int) -> dict:
         if key in med:
             extra = med[key] - med["torch fused SGDM step"]
             out[f"share_{which}"] = max(extra, 0.0) / full
-    _print_table(f"CIFAR ResNet-18 training step, batch {batch}", med)
+    _print_table(f"CIFAR ResNet-18 training step, batch {batch}", {"median_s": med})
     shares = ", ".join(f"{k[6:]} {v:.3%}" for k, v in out.items() if k.startswith("share_"))
     print(f"  GC share of the step (a GC pass, or a GC step's extra time): {shares}")
     return out
 
 
-def _print_table(title: str, med: dict[str, float]) -> None:
+def _print_table(title: str, res: dict) -> None:
+    """Median ms of each case and its ratio to its reference (paired by round where kept)."""
     print(f"\n{title}")
-    for name, t in med.items():
-        ref = med.get(reference_of(name))
-        ratio = f"{t / ref:6.2f}x" if ref else ""
-        print(f"  {name:<44} {t * 1e3:10.2f} ms  {ratio}")
+    for name, t in res["median_s"].items():
+        value = ratio(res, name, reference_of(name))
+        shown = "" if value is None else f"{value:6.2f}x"
+        print(f"  {name:<44} {t * 1e3:10.2f} ms  {shown}")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

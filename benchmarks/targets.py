@@ -11,6 +11,7 @@ targets are reported on every device but only checked on CUDA.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 COPY = "copy of the gradients"
@@ -88,16 +89,33 @@ class Verdict:
     status: str
 
 
-def lookup(medians: dict[str, float], case: str) -> float | None:
-    """The median of ``case``, also under the name older results gave it.
+def lookup(values: dict, case: str):
+    """The entry of ``case`` (a median, or its rounds), also under the name older results gave it.
 
     Results written before the fused strategies were dropped call the fused
     step "gradcent fused Adam [per_param]".
     """
     for name in (case, f"{case} [per_param]"):
-        if name in medians:
-            return medians[name]
+        if name in values:
+            return values[name]
     return None
+
+
+def ratio(res: dict, case: str, reference: str) -> float | None:
+    """``case``'s time over ``reference``'s on one parameter set, None where either did not run.
+
+    The median over rounds of the two cases' ratio in the same round, when the
+    result kept every round (``samples_s``; the two were timed in the same
+    rounds): a slow round slows both, and its ratio stays. Older results, with
+    medians only: the ratio of the medians.
+    """
+    rounds = res.get("samples_s") or {}
+    a, b = lookup(rounds, case), lookup(rounds, reference)
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+    med = res.get("median_s") or {}
+    value, ref = lookup(med, case), lookup(med, reference)
+    return None if value is None or not ref else value / ref
 
 
 def status_of(met: bool, target: Target, device: str) -> str:
@@ -107,13 +125,13 @@ def status_of(met: bool, target: Target, device: str) -> str:
     return f"{'met' if met else 'missed'}; not checked on {device} ({target.checked_on} only)"
 
 
-def _judge_set(target: Target, where: str, medians: dict[str, float], device: str) -> Verdict:
-    value, ref = lookup(medians, target.case), lookup(medians, target.reference)
-    if value is None or not ref:
+def _judge_set(target: Target, where: str, res: dict, device: str) -> Verdict:
+    value = ratio(res, target.case, target.reference)
+    if value is None:
         return Verdict(target.name, where, "", NOT_MEASURED)
-    ratio = round(value / ref, 3)  # judged as shown: "0.700x" passes "<= 0.70x"
+    value = round(value, 3)  # judged as shown: "0.700x" passes "<= 0.70x"
     return Verdict(
-        target.name, where, f"{ratio:.3f}x", status_of(ratio <= target.limit, target, device)
+        target.name, where, f"{value:.3f}x", status_of(value <= target.limit, target, device)
     )
 
 
@@ -132,7 +150,8 @@ def evaluate(result: dict, targets: tuple[Target, ...] = TARGETS) -> list[Verdic
 
     Args:
         result: what ``run.py --json`` writes: ``device``, ``sets`` (label ->
-            ``median_s``) and ``resnet18_step`` (None when not run).
+            ``median_s`` and, since 2026-12-02, ``samples_s``: every round) and
+            ``resnet18_step`` (None when not run).
         targets: the table to judge by.
 
     Returns:
@@ -149,7 +168,7 @@ def evaluate(result: dict, targets: tuple[Target, ...] = TARGETS) -> list[Verdic
             out.append(Verdict(target.name, "no parameter set run", "", NOT_MEASURED))
         else:
             for label, res in sets.items():
-                out.append(_judge_set(target, label, res["median_s"], device))
+                out.append(_judge_set(target, label, res, device))
     return out
 
 

@@ -33,10 +33,10 @@ def time_once(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start_s
 
 
-def measure(
+def measure_rounds(
     cases: dict[str, Callable[[], object]], device: str, repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds per case, the cases interleaved round by round."""
+) -> dict[str, list[float]]:
+    """Seconds of every case in every timed round, the cases interleaved round by round."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
     order = list(cases)
     rng = random.Random(0)
@@ -46,4 +46,16 @@ def measure(
             t = time_once(cases[name], device)
             if r >= warmup:
                 samples[name].append(t)
+    return samples
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median seconds of each case."""
     return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def measure(
+    cases: dict[str, Callable[[], object]], device: str, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per case, the cases interleaved round by round."""
+    return medians(measure_rounds(cases, device, repeats, warmup))

@@ -172,6 +172,24 @@ def test_older_results_render_as_they_are_and_are_judged_by_todays_targets():
     assert _status(targets.evaluate(res), "fused GC+Adam", "small")[0] == "1.050x"
 
 
+def test_ratios_pair_the_rounds_where_the_result_kept_them():
+    # Round 3 is slow for both cases (a load spike): paired, its ratio stays 0.5;
+    # the ratio of the medians would read 4/3.
+    res = {
+        "median_s": {"copy of the gradients": 3.0, "gradcent native GC pass": 4.0},
+        "samples_s": {
+            "copy of the gradients": [2.0, 3.0, 8.0, 8.0, 1.0],
+            "gradcent native GC pass": [1.0, 1.5, 4.0, 4.0, 9.0],
+        },
+    }
+    assert targets.ratio(res, "gradcent native GC pass", "copy of the gradients") == 0.5
+    verdict = [v for v in targets.evaluate({"sets": {"s": res}}) if "native GC pass" in v.target]
+    assert (verdict[0].measured, verdict[0].status) == ("0.500x", targets.PASS)
+    del res["samples_s"]  # an older result: medians only
+    assert targets.ratio(res, "gradcent native GC pass", "copy of the gradients") == 4.0 / 3.0
+    assert report._cell(res, "gradcent native GC pass") == ["4000.00", "1.33"]
+
+
 def test_committed_results_all_render():
     files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
     assert files

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
@@ -446,6 +447,8 @@ class Plan:
         """The spec of ``p`` under this plan's mode, or None to leave it alone."""
         if self.mode is None:
             return None
+        if torch.compiler.is_compiling():  # Dynamo (torch < 2.9) breaks the graph on weakrefs
+            return self._decide(p)
         hit = self._specs.get(id(p))
         if hit is not None and hit[0]() is p and hit[1] == p.shape:
             return hit[2]

@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradcent.core import centralize, centralize_
 from gradcent.optim._impl import centralize_all_, decay_terms
@@ -61,6 +61,8 @@ class Centralizer:
         # every call cost more than the native GC pass itself), drops its mark,
         # whoever zeroed it.
         self._hooked: dict[int, weakref.ref] = {}
+        # centralize_now()'s centred parameters per param group (see _centred).
+        self._centred_cache: dict[int, tuple[list, int, Plan, list[tuple[Tensor, Spec]]]] = {}
         # The plan of each other mode a group asks for ("gc" key), made once.
         self._mode_plans: dict[str | None, Plan] = {}
         # Entered around each GC pass of a step (gc_timer on the optimizer or
@@ -203,15 +205,33 @@ class Centralizer:
             if gplan.mode is None:
                 continue
             todo = []
-            for p in group["params"]:
-                if p.grad is None:
+            for p, spec in self._centred(gplan, group):
+                g = p.grad
+                if g is None:
                     continue
-                spec = self._spec(gplan, p)
-                if spec is not None:
-                    g = p.grad  # after _spec, which may have made it dense
-                    todo.append((g, spec))
-                    self._mark_pending(p, g)
+                if g.is_sparse or not g.is_contiguous():
+                    self._spec(gplan, p)  # raises for a sparse one, densifies an expanded one
+                    g = p.grad
+                todo.append((g, spec))
+                self._mark_pending(p, g)
             centralize_all_(todo, impl)
+
+    def _centred(self, gplan: Plan, group: dict[str, Any]) -> list[tuple[Tensor, Spec]]:
+        """The (parameter, spec) pairs of ``group`` that ``gplan`` centres.
+
+        Kept per group while its params list and plan stay the same objects (not
+        while a lazy parameter waits to materialize): centralize_now() then walks
+        only these, where a walk over every parameter cost more, cache-cold right
+        after the GC kernel, than a quarter of the native GC pass on ResNet-50.
+        """
+        params = group["params"]
+        hit = self._centred_cache.get(id(group))
+        if hit is not None and hit[0] is params and hit[1] == len(params) and hit[2] is gplan:
+            return hit[3]
+        pairs = [(p, spec) for p in params if (spec := gplan.spec(p)) is not None]
+        if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
+            self._centred_cache[id(group)] = (params, len(params), gplan, pairs)
+        return pairs
 
     def _mark_pending(self, p: Tensor, g: Tensor) -> None:
         self._pending[id(p)] = weakref.ref(g)

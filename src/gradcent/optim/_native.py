@@ -33,7 +33,7 @@ import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -171,8 +171,15 @@ def rows_hint(shape: Sequence[int], spec) -> int:
     return shape[0] if m > 1 and shape[0] > 0 else 0
 
 
-# Shapes and specs are hashable and few: each step reuses the answers.
-_rows_hint = functools.lru_cache(maxsize=4096)(rows_hint)
+@functools.lru_cache(maxsize=4096)
+def _rows_of(shape: tuple[int, ...], dims: tuple[int, ...], groups: int) -> int:
+    """:func:`rows_hint` keyed by plain tuples (hashed and compared in C): each call reuses it."""
+    return rows_hint(shape, _SpecView(dims, groups))
+
+
+class _SpecView(NamedTuple):
+    dims: tuple[int, ...]
+    groups: int
 
 
 def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
@@ -332,7 +339,7 @@ def centralize_many_(todo: Sequence[tuple[Tensor, Any]]) -> list[tuple[Tensor, A
     picked = [(t, s) for t, s in todo if type(t) in _PLAIN]
     rest = [(t, s) for t, s in todo if type(t) not in _PLAIN]
     if picked:
-        rows = [_rows_hint(t.shape, s) for t, s in picked]
+        rows = [_rows_of(t.shape, s.dims, s.groups) for t, s in picked]
         skipped = load().centralize_([t for t, _ in picked], rows)
         rest += [picked[i] for i in skipped]
     return rest
