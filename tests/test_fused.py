@@ -11,26 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_impls import _model  # the matrix's model: conv, BN, grouped transpose, fc
 from torch import nn
 from torch._dynamo.utils import counters
 
 from gradcent.optim import Adam
 from gradcent.optim._compiled import _adam_one, _sgd_one
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 3),  # conv: (6, 27) rows
-        nn.BatchNorm2d(6),  # 1-D, never centred
-        nn.ConvTranspose2d(6, 4, 2, groups=2),  # grouped transpose: eager ĝ, then the kernel
-        nn.Flatten(),
-        nn.Linear(20, 5),  # fc: (5, 20) rows
-    )
-    net.frozen = nn.Parameter(torch.randn(3, 4), requires_grad=False)  # never gets a grad
-    net.empty = nn.Parameter(torch.zeros(0, 4))  # zero-size
-    net[0].weight.data = net[0].weight.data.to(memory_format=torch.channels_last)
-    return net
 
 
 def _grads(net: nn.Module, step: int) -> None:

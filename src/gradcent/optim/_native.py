@@ -33,7 +33,7 @@ import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -163,23 +163,17 @@ def rows_hint(shape: Sequence[int], spec) -> int:
         The kernels check the memory layout themselves.
 
     """
-    if spec is None:
-        return 0
-    if spec.groups != 1 or len(shape) < 2 or tuple(spec.dims) != tuple(range(1, len(shape))):
+    return 0 if spec is None else _rows_of(tuple(shape), tuple(spec.dims), spec.groups)
+
+
+# Keyed by plain tuples (hashed and compared in C): every step asks again.
+@functools.lru_cache(maxsize=4096)
+def _rows_of(shape: tuple[int, ...], dims: tuple[int, ...], groups: int) -> int:
+    """:func:`rows_hint` of a centred parameter, from its shape and its spec's dims and groups."""
+    if groups != 1 or len(shape) < 2 or dims != tuple(range(1, len(shape))):
         return -1
     m = math.prod(shape[1:])
     return shape[0] if m > 1 and shape[0] > 0 else 0
-
-
-@functools.lru_cache(maxsize=4096)
-def _rows_of(shape: tuple[int, ...], dims: tuple[int, ...], groups: int) -> int:
-    """:func:`rows_hint` keyed by plain tuples (hashed and compared in C): each call reuses it."""
-    return rows_hint(shape, _SpecView(dims, groups))
-
-
-class _SpecView(NamedTuple):
-    dims: tuple[int, ...]
-    groups: int
 
 
 def _hint(gc, group: dict[str, Any], p: Tensor, cache: dict) -> int:
@@ -339,7 +333,7 @@ def centralize_many_(todo: Sequence[tuple[Tensor, Any]]) -> list[tuple[Tensor, A
     picked = [(t, s) for t, s in todo if type(t) in _PLAIN]
     rest = [(t, s) for t, s in todo if type(t) not in _PLAIN]
     if picked:
-        rows = [_rows_of(t.shape, s.dims, s.groups) for t, s in picked]
+        rows = [_rows_of(t.shape, tuple(s.dims), s.groups) for t, s in picked]
         skipped = load().centralize_([t for t, _ in picked], rows)
         rest += [picked[i] for i in skipped]
     return rest
