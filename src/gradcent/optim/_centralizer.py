@@ -127,11 +127,20 @@ class Centralizer:
 
     def _spec(self, gplan: Plan, p: Tensor):
         spec = gplan.spec(p)
-        if spec is None:
-            return None
+        if spec is not None and p.grad is not None:
+            self._ready_grad(gplan, p)
+        return spec
+
+    def _ready_grad(self, gplan: Plan, p: Tensor) -> Tensor:
+        """``p.grad`` ready to be centred in place (runs per parameter and step).
+
+        Raises:
+            ValueError: if it is sparse.
+
+        """
         g = p.grad
-        # is_contiguous() settles the usual case in one call (runs per parameter and step).
-        if g is not None and (g.is_sparse or not g.is_contiguous()):
+        # is_contiguous() settles the usual case in one call.
+        if g.is_sparse or not g.is_contiguous():
             if g.is_sparse:
                 raise ValueError(
                     f"Parameter {gplan.name(p)!r} has a sparse gradient: GC is defined for "
@@ -140,8 +149,8 @@ class Centralizer:
             if _is_expanded(g):
                 # An expanded (stride-0) gradient, which torch's optimizers accept,
                 # cannot be centred in place: GC works on a copy that becomes p.grad.
-                p.grad = g.contiguous()
-        return spec
+                p.grad = g = g.contiguous()
+        return g
 
     def before(self, optimizer: torch.optim.Optimizer) -> None:
         """Centralize gradients (folding coupled decay) or snapshot weights (timed)."""
@@ -206,12 +215,9 @@ class Centralizer:
                 continue
             todo = []
             for p, spec in self._centred(gplan, group):
-                g = p.grad
-                if g is None:
+                if p.grad is None:
                     continue
-                if g.is_sparse or not g.is_contiguous():
-                    self._spec(gplan, p)  # raises for a sparse one, densifies an expanded one
-                    g = p.grad
+                g = self._ready_grad(gplan, p)
                 todo.append((g, spec))
                 self._mark_pending(p, g)
             centralize_all_(todo, impl)
