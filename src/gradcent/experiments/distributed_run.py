@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -397,6 +398,10 @@ def teardown(wait: bool = True) -> None:
 
         if wait:
             dist.barrier()
+        # A DDP model caught in a reference cycle still holds the group; collect it
+        # now so that the group is destroyed here, not at interpreter exit, where
+        # gloo can abort ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
         if not _CURRENT.is_main:
             sys.stdout = sys.__stdout__
