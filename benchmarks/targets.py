@@ -7,10 +7,19 @@ renderer and its tests run without torch.
 The targets are set for CPU at 2 threads, ratios from interleaved rounds on the
 same gradients (issue 15, item 7). The fused path is the GPU candidate: its
 targets are reported on every device but only checked on CUDA.
+
+A set target is judged on the median of the per-round ratios. On two shared
+CPU cores one round's ratio ranges over 0.6-1.5x (a neighbour's burst lands on
+one case of the pair), so the median of 15 rounds moves by about +-6% from one
+run to the next. A median over the limit therefore fails only when the rounds
+show it: a one-sided sign test on the per-round ratios against the limit at
+``ALPHA`` (FAIL); otherwise the verdict says so (``ABOVE_NS``) without failing
+the check. A limit missed in most rounds still fails.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -21,7 +30,9 @@ STEP = "ResNet-18 step"
 
 PASS = "PASS"
 FAIL = "FAIL"
+ABOVE_NS = "above, not significant"
 NOT_MEASURED = "not measured"
+ALPHA = 0.05  # the sign test's level for calling a limit missed
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,15 @@ def lookup(values: dict, case: str):
     return None
 
 
+def paired_rounds(res: dict, case: str, reference: str) -> list[float] | None:
+    """``case``'s time over ``reference``'s in each round both were timed in; None if not kept."""
+    rounds = res.get("samples_s") or {}
+    a, b = lookup(rounds, case), lookup(rounds, reference)
+    if a and b and len(a) == len(b):
+        return [x / y for x, y in zip(a, b, strict=True)]
+    return None
+
+
 def ratio(res: dict, case: str, reference: str) -> float | None:
     """``case``'s time over ``reference``'s on one parameter set, None where either did not run.
 
@@ -109,19 +129,42 @@ def ratio(res: dict, case: str, reference: str) -> float | None:
     rounds): a slow round slows both, and its ratio stays. Older results, with
     medians only: the ratio of the medians.
     """
-    rounds = res.get("samples_s") or {}
-    a, b = lookup(rounds, case), lookup(rounds, reference)
-    if a and b and len(a) == len(b):
-        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+    paired = paired_rounds(res, case, reference)
+    if paired:
+        return statistics.median(paired)
     med = res.get("median_s") or {}
     value, ref = lookup(med, case), lookup(med, reference)
     return None if value is None or not ref else value / ref
 
 
-def status_of(met: bool, target: Target, device: str) -> str:
-    """PASS/FAIL where the target is checked on ``device``, else a reported-only note."""
+def sign_test_above(ratios: list[float], limit: float) -> tuple[int, int, float]:
+    """How strongly the rounds say the true ratio is above ``limit``.
+
+    Args:
+        ratios: per-round ratios of one case to its reference.
+        limit: the target's limit.
+
+    Returns:
+        ``(above, n, p)``: rounds above the limit, rounds not equal to it, and the
+        one-sided p-value P(X >= above) for X ~ Binomial(n, 1/2), the chance of so
+        many rounds above if the median ratio were at the limit.
+
+    References:
+        Conover, Practical Nonparametric Statistics (3rd ed., 1999), §3.4, the sign test.
+    """
+    above = sum(r > limit for r in ratios)
+    n = sum(r != limit for r in ratios)
+    p = sum(math.comb(n, k) for k in range(above, n + 1)) / 2**n
+    return above, n, p
+
+
+def status_of(met: bool, target: Target, device: str, shown: bool = True) -> str:
+    """PASS/FAIL where the target is checked on ``device``, else a reported-only note.
+
+    ``shown`` False: missed by the median but not by the sign test (``ABOVE_NS``).
+    """
     if target.checked_on == "any" or device.startswith(target.checked_on):
-        return PASS if met else FAIL
+        return PASS if met else (FAIL if shown else ABOVE_NS)
     return f"{'met' if met else 'missed'}; not checked on {device} ({target.checked_on} only)"
 
 
@@ -130,9 +173,13 @@ def _judge_set(target: Target, where: str, res: dict, device: str) -> Verdict:
     if value is None:
         return Verdict(target.name, where, "", NOT_MEASURED)
     value = round(value, 3)  # judged as shown: "0.700x" passes "<= 0.70x"
-    return Verdict(
-        target.name, where, f"{value:.3f}x", status_of(value <= target.limit, target, device)
-    )
+    measured, met, shown = f"{value:.3f}x", value <= target.limit, True
+    paired = paired_rounds(res, target.case, target.reference)
+    if not met and paired:
+        above, n, p = sign_test_above(paired, target.limit)
+        measured += f" ({above} of {n} rounds above, p = {p:.3f})"
+        shown = p < ALPHA
+    return Verdict(target.name, where, measured, status_of(met, target, device, shown))
 
 
 def _judge_step(target: Target, step: dict | None, device: str) -> Verdict:

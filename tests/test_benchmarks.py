@@ -273,3 +273,57 @@ def test_the_unblocked_pass_case_is_left_out_with_a_note_once_core_has_no_block_
     cases = run._pass_cases(params, "cpu")
     assert unblocked not in cases and "gradcent eager GC pass" in cases
     assert "no BLOCK_BYTES: the unblocked GC pass case is not run" in capsys.readouterr().out
+
+
+def test_sign_test_counts_rounds_above_the_limit():
+    # 14 of 15 rounds above: P(X >= 14), X ~ Bin(15, 1/2) = (15 + 1) / 2**15.
+    assert targets.sign_test_above([1.1] * 14 + [0.9], 1.0) == (14, 15, 16 / 2**15)
+    # Rounds exactly at the limit say nothing and are dropped from n.
+    above, n, p = targets.sign_test_above([1.2, 1.2, 1.0, 0.8], 1.0)
+    assert (above, n) == (2, 3) and p == 0.5
+
+
+def _with_rounds(ratios: list[float]) -> dict:
+    """A result whose native SGDM case has these per-round ratios to torch's SGD, on both sets."""
+    res = _result()
+    for res_set in res["sets"].values():
+        ref = [8.0 * MS] * len(ratios)
+        res_set["samples_s"] = {
+            "torch fused SGDM (no GC)": ref,
+            "gradcent native SGDM": [r * t for r, t in zip(ratios, ref, strict=True)],
+        }
+    return res
+
+
+def test_a_median_over_the_limit_fails_only_when_the_rounds_show_it(tmp_path):
+    noisy = _with_rounds([0.9, 1.1, 0.95, 1.08, 1.02, 0.97, 1.05])  # median 1.02, 4 of 7 above
+    measured, status = _status(targets.evaluate(noisy), "native GC+SGDM", "small")
+    assert status == targets.ABOVE_NS
+    assert measured == "1.020x (4 of 7 rounds above, p = 0.500)"
+    assert targets.failures(targets.evaluate(noisy)) == []
+    path = tmp_path / "noisy.json"
+    path.write_text(json.dumps(noisy))
+    assert report.main(["--check", str(path)]) == 0
+    assert "1.020x (4 of 7 rounds above, p = 0.500) above, not significant" in report.compare(
+        {"noisy": noisy}
+    )
+    clear = _with_rounds([1.03, 1.1, 1.05, 1.08, 1.02, 0.97, 1.05])  # 6 of 7 above
+    measured, status = _status(targets.evaluate(clear), "native GC+SGDM", "big")
+    assert (measured, status) == ("1.050x (6 of 7 rounds above, p = 0.062)", targets.ABOVE_NS)
+    always = _with_rounds([1.03, 1.1, 1.05, 1.08, 1.02, 1.01, 1.05])  # 7 of 7: p = 1/128
+    assert _status(targets.evaluate(always), "native GC+SGDM", "big") == (
+        "1.050x (7 of 7 rounds above, p = 0.008)",
+        "FAIL",
+    )
+
+
+def test_a_committed_run_is_judged_by_its_rounds():
+    # The third run of 2026-12-02: native SGDM on the 355M set above torch's fused
+    # SGD in 14 of its 15 rounds, a miss the sign test confirms.
+    res = report.load(ROOT / "benchmarks/results/cpu-2026-12-02-third.json")
+    verdicts = targets.evaluate(res)
+    assert _status(verdicts, "native GC+SGDM", "transformer 24x1024") == (
+        "1.095x (14 of 15 rounds above, p = 0.000)",
+        "FAIL",
+    )
+    assert _status(verdicts, "native GC+Adam", "ResNet-50") == ("0.928x", "PASS")
