@@ -147,7 +147,7 @@ def render(result: dict) -> str:
     lines += [
         "Targets (`benchmarks/targets.py`): a set target is judged on the median of the "
         "per-round ratios; a median over its limit fails only where a one-sided sign test "
-        "over the rounds shows it (p < 0.05), and reads \"above, not significant\" otherwise.",
+        'over the rounds shows it (p < 0.05), and reads "above, not significant" otherwise.',
         "",
     ]
     lines += targets_table(evaluate(result))
