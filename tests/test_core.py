@@ -330,9 +330,18 @@ def test_row_blocked_pass_is_bit_identical(monkeypatch, shape, dtype):
     # Large CPU gradients are centred block by block of whole rows (BLOCK_BYTES):
     # the same bits as one pass over the tensor, for rows up to 32768 elements.
     monkeypatch.setattr(core, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(core, "BLOCK_MIN_BYTES", 128 << 10)
     g = torch.randn(shape).to(dtype)
     want = g.clone()
     core._subtract_mean_(want, tuple(range(1, g.dim())))
     got = core.centralize_(g.clone())
     assert torch.equal(got, want)
     assert core._blockable(g, tuple(range(1, g.dim()))) == (g.numel() // g.shape[0] <= 32768)
+
+
+def test_only_gradients_larger_than_the_last_level_cache_are_blocked():
+    rows = (1,)
+    assert not core._blockable(torch.empty(1024, 4096), rows)  # 16 MiB: stays in L3
+    assert not core._blockable(torch.empty(2048, 4096), rows)  # 32 MiB: at the threshold
+    assert core._blockable(torch.empty(2049, 4096), rows)
+    assert not core._blockable(torch.empty(2049, 4096)[:, ::2], rows)  # not contiguous

@@ -24,17 +24,22 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Same-shaped tensors below this size are centred together in one stacked call:
 # for small tensors the kernel-launch cost dominates the memory traffic.
 _STACK_MAX_NUMEL = 1 << 16
-# Gradients larger than two blocks are centred block by block of whole rows, so
-# the subtraction re-reads each block from cache: about one read and one write
-# from memory, like a copy. 2 MiB was the best measured on a 2-core EPYC (L2
-# 1 MiB per core, L3 32 MiB): smaller blocks pay per-call and OpenMP overhead,
-# larger ones fall out of cache (docs/BENCHMARKS.md).
+# Gradients larger than the last-level cache are centred block by block of whole
+# rows, so the subtraction re-reads each block from cache: about one read and one
+# write from memory, like a copy. 2 MiB blocks were the best measured on a 2-core
+# EPYC (L2 1 MiB per core, L3 32 MiB): smaller blocks pay per-call and OpenMP
+# overhead, larger ones fall out of cache (docs/BENCHMARKS.md).
 BLOCK_BYTES = 2 << 20
 # Rows are blocked only up to torch's CPU reduction grain (32768 elements): one
 # thread then sums a row in one order whatever the number of rows, so a block's
 # means equal the whole tensor's bit for bit. Longer rows may be split between
 # threads differently in a block and in the whole tensor; they are not blocked.
 _BLOCK_MAX_ROW = 1 << 15
+# Only gradients above this size are blocked. A smaller one's mean pass leaves it
+# in L3 for the subtraction anyway, and its blocks only add calls: blocking from
+# 4 MiB made ResNet-50's pass 1.04-1.14x the unblocked one in four runs, against
+# 0.89-0.94x a copy from 16-32 MiB up (docs/BENCHMARKS.md, 2026-12-02 evening).
+BLOCK_MIN_BYTES = 32 << 20
 
 
 def _resolve_dims(t: Tensor, dims: Dims) -> tuple[int, ...]:
@@ -235,7 +240,7 @@ def _blockable(t: Tensor, rdims: tuple[int, ...]) -> bool:
     """True for a large contiguous tensor whose units are its rows of ≤ 32768 elements."""
     if t.dim() < 2 or rdims != tuple(range(1, t.dim())) or not t.is_contiguous():
         return False
-    big = t.numel() * t.element_size() > 2 * BLOCK_BYTES
+    big = t.numel() * t.element_size() > BLOCK_MIN_BYTES
     return big and t.numel() // t.shape[0] <= _BLOCK_MAX_ROW and t.device.type == "cpu"
 
 
