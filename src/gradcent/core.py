@@ -37,8 +37,9 @@ BLOCK_BYTES = 2 << 20
 _BLOCK_MAX_ROW = 1 << 15
 # Only gradients above this size are blocked. A smaller one's mean pass leaves it
 # in L3 for the subtraction anyway, and its blocks only add calls: blocking from
-# 4 MiB made ResNet-50's pass 1.04-1.14x the unblocked one in four runs, against
-# 0.89-0.94x a copy from 16-32 MiB up (docs/BENCHMARKS.md, 2026-12-02 evening).
+# 4 MiB made ResNet-50's pass 1.04-1.14x the unblocked one in four runs; with the
+# threshold at 32 MiB it took 1.01x and 0.90x a copy in two runs, against 1.14x and
+# 0.94x at 4 MiB (docs/BENCHMARKS.md, "Evening (CPU, 2026-12-02)").
 BLOCK_MIN_BYTES = 32 << 20
 
 
