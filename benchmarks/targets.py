@@ -169,12 +169,12 @@ def status_of(met: bool, target: Target, device: str, shown: bool = True) -> str
 
 
 def _judge_set(target: Target, where: str, res: dict, device: str) -> Verdict:
-    value = ratio(res, target.case, target.reference)
+    paired = paired_rounds(res, target.case, target.reference)
+    value = statistics.median(paired) if paired else ratio(res, target.case, target.reference)
     if value is None:
         return Verdict(target.name, where, "", NOT_MEASURED)
     value = round(value, 3)  # judged as shown: "0.700x" passes "<= 0.70x"
     measured, met, shown = f"{value:.3f}x", value <= target.limit, True
-    paired = paired_rounds(res, target.case, target.reference)
     if not met and paired:
         above, n, p = sign_test_above(paired, target.limit)
         measured += f" ({above} of {n} rounds above, p = {p:.3f})"

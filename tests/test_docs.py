@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_distributed import free_port  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -54,13 +54,6 @@ CASES = [
 ]
 
 
-def _free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_docs_have_snippets():
     # A guard for the parser: the README alone has several.
     assert sum(1 for c in CASES if c.values[0].name == "README.md") >= 3
@@ -76,7 +69,7 @@ def test_snippet_runs(path: Path, line: int, code: str, tmp_path: Path):
     # The distributed snippets take MASTER_PORT from the environment (as under
     # torchrun) before their own fixed default: a free one, so that a port still
     # held by another process on this machine cannot fail them.
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     proc = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
