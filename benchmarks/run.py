@@ -13,8 +13,7 @@ per-parameter GC loop, then torch's step; ``pytorch_optimizer.centralize_gradien
 then torch's step (when installed); gradcent's eager path (``impl="default"``: GC
 pass, then torch's fused step); gradcent's fused step (``impl="fused"``); gradcent's
 native step (``impl="native"``, CPU only); the GC passes alone (``opt.centralize_grads()``
-of the default and native paths, and the default one without row blocking while
-``gradcent.core`` has it) and a plain copy of the gradients. Then GC's share of a
+of the default and native paths) and a plain copy of the gradients. Then GC's share of a
 CIFAR ResNet-18 training step (batch 128, 32x32). It prints medians, ratios and the
 targets of ``targets.py``; ``--check`` exits 1 when one is missed.
 ``report.py`` renders the ``--json`` file as markdown tables.
@@ -42,7 +41,6 @@ from timing import measure, measure_rounds, medians, time_once
 from torch import nn
 
 import gradcent
-import gradcent.core
 from gradcent.experiments.models import cifar_resnet
 
 try:
@@ -104,25 +102,11 @@ def _pass_cases(params, device: str) -> dict[str, Callable[[], object]]:
     if centralize_gradient is not None:
         cases["pytorch_optimizer GC pass"] = lambda: centralize_gradient(grads)
     cases["gradcent eager GC pass"] = holder.centralize_grads
-    if hasattr(gradcent.core, "BLOCK_MIN_BYTES"):
-        cases["gradcent eager GC pass, unblocked"] = lambda: _unblocked(holder.centralize_grads)
-    else:
-        print("  (gradcent.core has no BLOCK_MIN_BYTES: the unblocked GC pass case is not run)")
     if device == "cpu":
         # What centralize_grads() runs for an impl="native" optimizer: one kernel call.
         nat = gradcent.SGD(params, lr=LR, impl="native")
         cases["gradcent native GC pass"] = nat.centralize_grads
     return cases
-
-
-def _unblocked(fn: Callable[[], object]) -> None:
-    """Run ``fn`` with gradcent.core's row blocking switched off (no tensor is big enough)."""
-    core = gradcent.core
-    saved, core.BLOCK_MIN_BYTES = core.BLOCK_MIN_BYTES, 1 << 62
-    try:
-        fn()
-    finally:
-        core.BLOCK_MIN_BYTES = saved
 
 
 def bench_set(label: str, shapes, device: str, repeats: int) -> dict:

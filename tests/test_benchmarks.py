@@ -257,24 +257,6 @@ def test_quick_run_writes_a_result_the_renderer_reads(tmp_path):
     assert "| gradcent native GC pass |" in report.render(res)
 
 
-@pytest.mark.experiments  # run.py imports the experiments' models (torchvision)
-def test_the_unblocked_pass_case_is_left_out_with_a_note_once_core_has_no_block_bytes(
-    monkeypatch, capsys
-):
-    import run
-
-    import gradcent.core
-
-    params = run.paramsets.materialize([(8, 3, 3, 3), (8,)], "cpu")
-    unblocked = "gradcent eager GC pass, unblocked"
-    cases = run._pass_cases(params, "cpu")
-    assert (unblocked in cases) == hasattr(gradcent.core, "BLOCK_BYTES")
-    monkeypatch.delattr(gradcent.core, "BLOCK_BYTES", raising=False)
-    cases = run._pass_cases(params, "cpu")
-    assert unblocked not in cases and "gradcent eager GC pass" in cases
-    assert "no BLOCK_BYTES: the unblocked GC pass case is not run" in capsys.readouterr().out
-
-
 def test_sign_test_counts_rounds_above_the_limit():
     # 14 of 15 rounds above: P(X >= 14), X ~ Bin(15, 1/2) = (15 + 1) / 2**15.
     assert targets.sign_test_above([1.1] * 14 + [0.9], 1.0) == (14, 15, 16 / 2**15)

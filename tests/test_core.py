@@ -5,7 +5,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import gradcent.core as core
 from gradcent import centralize, centralize_, centralize_many_, unit_size
 
 # ---------------------------------------------------------------- exact tables
@@ -313,35 +312,3 @@ def test_many_is_bit_for_bit_per_tensor_for_long_units(shape, two_threads):
     centralize_many_(many)
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
-
-
-# ---------------------------------------------------------------- the row-blocked pass
-
-
-def test_row_blocks_split_unevenly():
-    rows = torch.zeros(30, 24)
-    sizes = [b.shape[0] for b in core.row_blocks(rows, 7 * 24 * 4)]  # 7 rows of 24 floats
-    assert sizes == [7, 7, 7, 7, 2]
-
-
-@pytest.mark.parametrize("shape", [(600, 1024), (1000, 8, 3, 3), (40, 32768), (3, 40000)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_blocked_pass_is_bit_identical(monkeypatch, shape, dtype):
-    # Large CPU gradients are centred block by block of whole rows (BLOCK_BYTES):
-    # the same bits as one pass over the tensor, for rows up to 32768 elements.
-    monkeypatch.setattr(core, "BLOCK_BYTES", 64 << 10)
-    monkeypatch.setattr(core, "BLOCK_MIN_BYTES", 128 << 10)
-    g = torch.randn(shape).to(dtype)
-    want = g.clone()
-    core._subtract_mean_(want, tuple(range(1, g.dim())))
-    got = core.centralize_(g.clone())
-    assert torch.equal(got, want)
-    assert core._blockable(g, tuple(range(1, g.dim()))) == (g.numel() // g.shape[0] <= 32768)
-
-
-def test_only_gradients_larger_than_the_last_level_cache_are_blocked():
-    rows = (1,)
-    assert not core._blockable(torch.empty(1024, 4096), rows)  # 16 MiB: stays in L3
-    assert not core._blockable(torch.empty(2048, 4096), rows)  # 32 MiB: at the threshold
-    assert core._blockable(torch.empty(2049, 4096), rows)
-    assert not core._blockable(torch.empty(2049, 4096)[:, ::2], rows)  # not contiguous

@@ -24,23 +24,10 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Same-shaped tensors below this size are centred together in one stacked call:
 # for small tensors the kernel-launch cost dominates the memory traffic.
 _STACK_MAX_NUMEL = 1 << 16
-# Gradients larger than the last-level cache are centred block by block of whole
-# rows, so the subtraction re-reads each block from cache: about one read and one
-# write from memory, like a copy. 2 MiB blocks were the best measured on a 2-core
-# EPYC (L2 1 MiB per core, L3 32 MiB): smaller blocks pay per-call and OpenMP
-# overhead, larger ones fall out of cache (docs/BENCHMARKS.md).
-BLOCK_BYTES = 2 << 20
-# Rows are blocked only up to torch's CPU reduction grain (32768 elements): one
-# thread then sums a row in one order whatever the number of rows, so a block's
-# means equal the whole tensor's bit for bit. Longer rows may be split between
-# threads differently in a block and in the whole tensor; they are not blocked.
-_BLOCK_MAX_ROW = 1 << 15
-# Only gradients above this size are blocked. A smaller one's mean pass leaves it
-# in L3 for the subtraction anyway, and its blocks only add calls: blocking from
-# 4 MiB made ResNet-50's pass 1.04-1.14x the unblocked one in four runs; with the
-# threshold at 32 MiB it took 1.01x and 0.90x a copy in two runs, against 1.14x and
-# 0.94x at 4 MiB (docs/BENCHMARKS.md, "Evening (CPU, 2026-12-02)").
-BLOCK_MIN_BYTES = 32 << 20
+# torch's CPU reduction grain (32768 elements): a unit up to this size is summed by
+# one thread in one order, alone or stacked with others; a longer one may be split
+# between threads differently in a stack, so it is not stacked (bit-identical results).
+_REDUCE_GRAIN = 1 << 15
 
 
 def _resolve_dims(t: Tensor, dims: Dims) -> tuple[int, ...]:
@@ -229,26 +216,8 @@ def centralize_(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
     if is_dtensor(t):
         _centralize_dtensor_(t, rdims, groups)
         return t
-    if groups == 1 and _blockable(t, rdims):
-        for block in row_blocks(t.view(t.shape[0], -1), BLOCK_BYTES):
-            _subtract_mean_(block, (1,))
-        return t
     _subtract_mean_(*_unit_view(t, rdims, groups))
     return t
-
-
-def _blockable(t: Tensor, rdims: tuple[int, ...]) -> bool:
-    """True for a large contiguous tensor whose units are its rows of ≤ 32768 elements."""
-    if t.dim() < 2 or rdims != tuple(range(1, t.dim())) or not t.is_contiguous():
-        return False
-    big = t.numel() * t.element_size() > BLOCK_MIN_BYTES
-    return big and t.numel() // t.shape[0] <= _BLOCK_MAX_ROW and t.device.type == "cpu"
-
-
-def row_blocks(rows: Tensor, block_bytes: int) -> tuple[Tensor, ...]:
-    """Split a (units, M) tensor into views of whole rows, about ``block_bytes`` each."""
-    per = max(1, block_bytes // max(1, rows.shape[1] * rows.element_size()))
-    return rows.split(per)
 
 
 def centralize(t: Tensor, dims: Dims = None, groups: int = 1) -> Tensor:
@@ -315,7 +284,7 @@ def centralize_many_(
             t.numel() <= _STACK_MAX_NUMEL
             and g == 1
             and t.is_contiguous()
-            and unit_size(t.shape, rdims) <= _BLOCK_MAX_ROW
+            and unit_size(t.shape, rdims) <= _REDUCE_GRAIN
         )
         if stackable and not is_dtensor(t):
             key = (tuple(t.shape), t.dtype, t.device, rdims)
