@@ -145,6 +145,22 @@ def test_cases_not_run_are_not_measured_and_do_not_fail(tmp_path):
     assert {v.status for v in empty} == {"not measured"}
 
 
+def test_the_eager_pass_target_is_reported_on_every_device_and_never_fails():
+    res = _result(**{"gradcent eager GC pass": 4.8})  # 1.2x the copy: over 1.00x
+    for device in ("cpu", "cuda:0"):
+        res["device"] = device
+        verdicts = targets.evaluate(res)
+        assert _status(verdicts, "eager GC pass <= 1.00x", "small") == (
+            "1.200x",
+            "missed; reported, not checked",
+        )
+        assert targets.failures(verdicts) == []
+    res = _result(**{"gradcent eager GC pass": 3.6})  # 0.9x
+    assert _status(targets.evaluate(res), "eager GC pass <= 1.00x", "small")[1] == (
+        "met; reported, not checked"
+    )
+
+
 def test_fused_targets_are_checked_on_cuda_only():
     res = _result(**{"gradcent fused Adam": 20.0})  # 2.0x torch's Adam: over 1.10x
     on_cpu = targets.evaluate(res)
