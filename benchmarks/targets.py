@@ -65,7 +65,7 @@ TARGETS: tuple[Target, ...] = (
     Target("native GC+SGDM <= 1.00x torch fused SGD", "gradcent native SGDM", TORCH_SGDM, 1.00),
     # The eager pass reads a gradient for its mean, then reads and writes it: the bytes
     # of a copy. It is under a copy only while the second read hits cache, which varies
-    # from process to process (0.84-1.14x over seven runs of one code, docs/BENCHMARKS.md
+    # from process to process (ResNet-50: 0.84-1.14x in seven runs of one code, BENCHMARKS.md
     # "Night"), so a <= 1.00x limit fails by chance. Reported, not checked: issue 4's
     # "GC pass <= 1.0x a copy" is checked on the native pass (<= 0.70x, above), and a
     # drift of the eager pass by 1.5x or more fails its ResNet-18 step share (below).
